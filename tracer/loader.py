@@ -1,0 +1,101 @@
+"""Compile, load and attach the program through bcc; detach on every exit.
+
+bcc is imported here and only here, after tracefs is mounted and
+``BCC_KERNEL_SOURCE`` points at the header tree, because bcc reads both when
+it is imported or when it compiles.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+from .headers import HeaderTree
+from .plan import ProbePlan
+from .program import Filters, ProgramOptions, render
+
+
+class LoadError(Exception):
+    """bcc could not compile, load or attach the program."""
+
+
+@dataclass
+class Loaded:
+    bpf: object                  # bcc.BPF
+    compile_seconds: float
+    text: str
+
+    def detach(self) -> None:
+        """Detach every probe and free every map. Safe to call twice."""
+        b, self.bpf = self.bpf, None
+        if b is not None:
+            b.cleanup()
+
+    def counts(self) -> list[tuple[bytes, int]]:
+        return [(bytes(k), v.value) for k, v in self.bpf["counts"].items()]
+
+    def stats(self) -> list[int]:
+        """Per-stat sums over CPUs (see the stats map in bpf/epipe.bpf.c)."""
+        t = self.bpf["stats"]
+        return [sum(t[ctypes.c_int(i)]) for i in range(8)]
+
+
+class _CapturedStderr:
+    """bcc prints clang's diagnostics straight to fd 2: keep them off the
+    user's screen, but keep the errors to explain a failed compile."""
+
+    def __enter__(self):
+        self.file = tempfile.TemporaryFile()
+        self.saved = os.dup(2)
+        os.dup2(self.file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        self.file.seek(0)
+        self.text = self.file.read().decode("utf-8", "replace")
+        self.file.close()
+        return False
+
+    def errors(self, limit: int = 6) -> str:
+        lines = [ln for ln in self.text.splitlines() if "error" in ln.lower()]
+        return "\n".join(lines[:limit])
+
+
+def load(tree: HeaderTree, plan: ProbePlan, filters: Filters,
+         opts: ProgramOptions | None = None) -> Loaded:
+    opts = opts or ProgramOptions()
+    text = render(plan, filters, opts)
+    os.environ["BCC_KERNEL_SOURCE"] = tree.path
+    t0 = time.monotonic()
+    from bcc import BPF  # import only once BCC_KERNEL_SOURCE is set
+    err = None
+    with _CapturedStderr() as cap:
+        try:
+            b = BPF(text=text, cflags=["-Wno-everything"])
+        except Exception as e:  # bcc raises bare Exception on compile/load/attach errors
+            err = e
+    if os.environ.get("EPIPE_TRACE_DEBUG"):
+        os.write(2, cap.text.encode())
+    if err is not None:
+        detail = cap.errors()
+        raise LoadError(f"bcc could not compile/load the program ({err})"
+                        + (f":\n{detail}" if detail else ""))
+    loaded = Loaded(b, time.monotonic() - t0, text)
+    try:
+        if filters.pids:
+            t = b["target_pids"]
+            for pid in filters.pids:
+                t[ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
+        for name, ports in (("lports", filters.lports), ("dports", filters.dports)):
+            if ports:
+                t = b[name]
+                for p in ports:
+                    t[ctypes.c_uint16(p)] = ctypes.c_uint8(1)
+    except BaseException:
+        loaded.detach()
+        raise
+    return loaded

@@ -1,0 +1,200 @@
+"""The probe plan: for each logical hook, the mechanism this kernel supports.
+
+Pure logic over ``KernelCapabilities`` so it can be unit-tested with made-up
+kernels. The design's kprobes (``tcp_set_state``, ``tcp_reset``,
+``sk_stream_error``) win where kprobes work and the function's signature is
+what our program expects; fentry is next where the kernel allows trampolines;
+tracepoints otherwise. Each choice carries the reason, and an unavailable hook
+says what the user loses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .capabilities import KernelCapabilities
+
+KPROBE, FENTRY, TRACEPOINT, RAW_TRACEPOINT, UNAVAILABLE = (
+    "kprobe", "fentry", "tracepoint", "raw_tracepoint", "unavailable")
+
+# Value of the HOOK_* macro in bpf/epipe.bpf.c for each mechanism.
+MACRO_VALUE = {UNAVAILABLE: 0, KPROBE: 1, FENTRY: 2, TRACEPOINT: 3, RAW_TRACEPOINT: 4}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    mechanism: str
+    target: str                       # function or "category:event"
+    # expected leading parameter types (functions) or fields (tracepoints)
+    expects: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class HookSpec:
+    name: str          # stable identifier (JSON, --json doctor)
+    macro: str         # HOOK_* macro in the BPF C
+    title: str         # what it observes, for people
+    candidates: tuple[Candidate, ...]
+    if_missing: str    # consequence when no candidate works
+    essential: bool = False   # without it the tool cannot run at all
+
+
+def _fn(name: str, *types: str) -> tuple[Candidate, Candidate]:
+    return Candidate(KPROBE, name, types), Candidate(FENTRY, name, types)
+
+
+HOOKS: tuple[HookSpec, ...] = (
+    HookSpec("state_change", "HOOK_STATE", "TCP state change",
+             (*_fn("tcp_set_state", "struct sock *", "int"),
+              Candidate(TRACEPOINT, "sock:inet_sock_set_state",
+                        ("skaddr", "oldstate", "newstate", "protocol"))),
+             "no TCP state history: causes that depend on CLOSE_WAIT or accept timing "
+             "cannot be named"),
+    HookSpec("rst_received", "HOOK_RST", "RST received (tcp_reset)",
+             (*_fn("tcp_reset", "struct sock *"),
+              Candidate(TRACEPOINT, "tcp:tcp_receive_reset", ("skaddr",))),
+             "RSTs are not seen: 'peer reset' causes become 'unknown'"),
+    HookSpec("stream_error", "HOOK_SERR", "stream error on send (sk_stream_error)",
+             (*_fn("sk_stream_error", "struct sock *", "int", "int"),
+              Candidate(RAW_TRACEPOINT, "sock:sock_send_length", ("sk", "ret", "flags"))),
+             "the kernel path of the error and sk_err at that moment are not observed "
+             "(the syscall's result is still reported)"),
+    HookSpec("error_report", "HOOK_EREP", "socket error reported (sk_err set)",
+             (Candidate(RAW_TRACEPOINT, "sock:inet_sk_error_report", ("error",)),),
+             "the error the kernel set on the socket (ETIMEDOUT, ECONNRESET...) is not "
+             "recorded; it is still read at sk_stream_error where that is probed"),
+    HookSpec("send_failure", "HOOK_SYSEXIT", "send-family syscall fails",
+             (Candidate(RAW_TRACEPOINT, "raw_syscalls:sys_exit"),),
+             "failing sends cannot be seen", essential=True),
+    HookSpec("accept", "HOOK_ACCEPT", "accept() returns a socket",
+             (Candidate(TRACEPOINT, "syscalls:sys_exit_accept4", ("ret",)),),
+             "time spent in the accept queue is unknown; 'accepted after the peer "
+             "closed' cannot be named"),
+    HookSpec("shutdown", "HOOK_SHUT", "our own shutdown()",
+             (Candidate(TRACEPOINT, "syscalls:sys_enter_shutdown", ("fd", "how")),),
+             "our own shutdown() is not seen: that cause cannot be named"),
+    HookSpec("close", "HOOK_CLOSE", "close() of a UNIX socket or pipe read end",
+             (Candidate(TRACEPOINT, "syscalls:sys_enter_close", ("fd",)),),
+             "the UNIX peer or pipe reader that went away is not named"),
+    HookSpec("sigpipe_generated", "HOOK_SIGGEN", "SIGPIPE generated",
+             (Candidate(TRACEPOINT, "signal:signal_generate", ("sig", "pid", "result")),),
+             "the SIGPIPE's fate (ignored, blocked, caught, fatal) is unknown"),
+    HookSpec("sigpipe_delivered", "HOOK_SIGDLV", "SIGPIPE delivered",
+             (Candidate(TRACEPOINT, "signal:signal_deliver", ("sig", "sa_handler")),),
+             "delivery to a handler is not confirmed"),
+    HookSpec("process_exit", "HOOK_EXIT", "process exit (death by SIGPIPE)",
+             (Candidate(TRACEPOINT, "sched:sched_process_exit", ("pid",)),),
+             "deaths by SIGPIPE are not confirmed"),
+)
+
+
+@dataclass(frozen=True)
+class Choice:
+    hook: HookSpec
+    mechanism: str
+    target: str
+    reason: str
+    rejected: tuple[str, ...] = ()    # why better candidates were passed over
+
+    def to_dict(self) -> dict:
+        return {"hook": self.hook.name, "title": self.hook.title,
+                "mechanism": self.mechanism, "target": self.target, "reason": self.reason,
+                "rejected": list(self.rejected),
+                "consequence": self.hook.if_missing if self.mechanism == UNAVAILABLE else None}
+
+
+@dataclass
+class ProbePlan:
+    choices: list[Choice] = field(default_factory=list)
+
+    def by_name(self, name: str) -> Choice:
+        for c in self.choices:
+            if c.hook.name == name:
+                return c
+        raise KeyError(name)
+
+    def macros(self) -> dict[str, int]:
+        return {c.hook.macro: MACRO_VALUE[c.mechanism] for c in self.choices}
+
+    def unavailable(self) -> list[Choice]:
+        return [c for c in self.choices if c.mechanism == UNAVAILABLE]
+
+    def verdict(self) -> tuple[str, str]:
+        """('ready'|'degraded'|'cannot run', explanation)."""
+        missing = self.unavailable()
+        fatal = [c for c in missing if c.hook.essential]
+        if fatal:
+            return "cannot run", "; ".join(f"{c.hook.title}: {c.hook.if_missing}" for c in fatal)
+        if missing:
+            return "degraded", "; ".join(f"{c.hook.title}: {c.hook.if_missing}" for c in missing)
+        return "ready", "every hook has a mechanism"
+
+    def to_list(self) -> list[dict]:
+        return [c.to_dict() for c in self.choices]
+
+
+def _signature_matches(have: list[str], expects: tuple[str, ...]) -> bool:
+    return tuple(have[:len(expects)]) == expects
+
+
+def _try(c: Candidate, caps: KernelCapabilities) -> str | None:
+    """None when the candidate is usable here, else why not."""
+    if c.mechanism in (KPROBE, FENTRY):
+        if c.mechanism == KPROBE and not caps.kprobes:
+            return f"kprobes unavailable ({caps.kprobes_reason})"
+        if c.mechanism == FENTRY and not caps.fentry:
+            return f"fentry unavailable ({caps.fentry_reason})"
+        params = caps.functions.get(c.target)
+        if params is None:
+            return f"{c.target} is not a probeable kernel function here"
+        if params and not _signature_matches(params, c.expects):
+            return f"{c.target}({', '.join(params)}) does not start with ({', '.join(c.expects)})"
+        if not params and c.mechanism == FENTRY:
+            return f"{c.target} has no BTF signature"
+        return None
+    if c.mechanism == RAW_TRACEPOINT:
+        if not caps.raw_tracepoints:
+            return "raw tracepoints unsupported"
+        if c.target == "raw_syscalls:sys_exit":
+            return None
+    if c.target not in caps.tracepoints:
+        return f"tracepoint {c.target} does not exist on this kernel"
+    fields = caps.tracepoints[c.target]
+    missing = [f for f in c.expects if f not in fields]
+    if missing:
+        return f"tracepoint {c.target} lacks field(s) {', '.join(missing)}"
+    return None
+
+
+def make_plan(caps: KernelCapabilities, prefer: str | None = None,
+              disable: frozenset[str] = frozenset()) -> ProbePlan:
+    """Choose a mechanism per hook.
+
+    ``prefer`` ("kprobe", "fentry", "tracepoint") moves that mechanism to the
+    front where a hook has it, for comparing mechanisms on one kernel;
+    ``disable`` names hooks to leave out.
+    """
+    plan = ProbePlan()
+    for hook in HOOKS:
+        if hook.name in disable:
+            plan.choices.append(Choice(hook, UNAVAILABLE, "", "disabled by request"))
+            continue
+        cands = list(hook.candidates)
+        if prefer:
+            cands.sort(key=lambda c: 0 if c.mechanism == prefer or
+                       (prefer == TRACEPOINT and c.mechanism == RAW_TRACEPOINT) else 1)
+        rejected = []
+        for c in cands:
+            why = _try(c, caps)
+            if why is None:
+                reason = {KPROBE: "kprobes work and the signature matches",
+                          FENTRY: "fentry works and the signature matches",
+                          TRACEPOINT: "tracepoint present with the fields we read",
+                          RAW_TRACEPOINT: "raw tracepoint present"}[c.mechanism]
+                if c.target == "raw_syscalls:sys_exit":
+                    reason = "raw sys_exit sees every syscall's registers"
+                plan.choices.append(Choice(hook, c.mechanism, c.target, reason, tuple(rejected)))
+                break
+            rejected.append(f"{c.mechanism} {c.target}: {why}")
+        else:
+            plan.choices.append(Choice(hook, UNAVAILABLE, "", "; ".join(rejected), tuple(rejected)))
+    return plan
