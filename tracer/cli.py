@@ -1,0 +1,269 @@
+"""Command line: ``epipe-trace [trace options]``, ``epipe-trace doctor``.
+
+Exit codes: 0 normal end, 1 runtime failure, 2 usage or environment error
+(bad option, not root, no BTF and no headers...). Errors are one line on
+stderr, never a traceback.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import click
+
+from . import __version__
+
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+
+TRACE_EPILOG = """\b
+Examples:
+  epipe-trace                       # every broken pipe on the host
+  epipe-trace -p 1234 -T            # one process, with wall-clock times
+  epipe-trace -p 1234,1250 --timeline
+  epipe-trace -L 8080 --json | jq .cause
+  epipe-trace -D 5432 -d 60         # peers on port 5432, for one minute
+  epipe-trace --type pipe,fifo -c myjob
+  epipe-trace doctor                # what this kernel offers, what will be used
+
+\b
+Causes (JSON "cause"):
+  accepted_after_peer_closed  the socket sat in the accept queue; the peer had
+                              closed before accept() (CLOSE_WAIT), our write got a RST
+  peer_reset_after_close      peer had sent FIN, we wrote, it answered RST
+  reset_while_established     RST in ESTABLISHED: ECONNRESET first, then EPIPE
+  own_shutdown                we called shutdown(SHUT_WR/SHUT_RDWR) earlier
+  connection_dead             timeout/abort (sk_err ETIMEDOUT, ECONNABORTED...)
+  peer_closed / no_readers    UNIX peer closed / pipe without readers
+\b
+SIGPIPE fates: suppressed, ignored, blocked, caught, fatal, not_raised.
+Exit codes: 0 done, 1 runtime failure, 2 usage or environment error.
+"""
+
+
+class UsageFailure(Exception):
+    """Bad input or environment: one line on stderr, exit 2."""
+
+
+def fail(msg: str, code: int = EXIT_USAGE) -> None:
+    click.echo(f"epipe-trace: {msg}", err=True)
+    sys.exit(code)
+
+
+def parse_int_list(value: str | None, what: str, lo: int, hi: int) -> list[int]:
+    if not value:
+        return []
+    out = []
+    for part in value.split(","):
+        part = part.strip()
+        if not part.isdigit() or not lo <= int(part) <= hi:
+            raise click.BadParameter(f"{part!r} is not a {what} ({lo}-{hi}); "
+                                     f"give a comma list like 80,443")
+        out.append(int(part))
+    return out
+
+
+class DefaultGroup(click.Group):
+    """`epipe-trace -p 1` means `epipe-trace trace -p 1`."""
+
+    def parse_args(self, ctx, args):
+        if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h",
+                                                                          "--version")):
+            args = ["trace", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog="Run 'epipe-trace trace --help' for the tracing options.")
+@click.version_option(__version__, prog_name="epipe-trace")
+def main():
+    """Explain every "Broken pipe" on this host as it happens.
+
+    For each send that fails with EPIPE (or the ECONNRESET that precedes one)
+    it shows the socket, its TCP state history, whether the peer sent a RST
+    and in which state, whether we had shut down our side, the kernel path,
+    and what became of the SIGPIPE. Needs root (CAP_BPF + CAP_PERFMON, or
+    CAP_SYS_ADMIN).
+    """
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        fail("needs root: loading BPF programs takes CAP_BPF and CAP_PERFMON "
+             "(or CAP_SYS_ADMIN); run it with sudo")
+
+
+@main.command("trace", epilog=TRACE_EPILOG)
+@click.option("-p", "--pid", "pids", metavar="PID[,PID...]", help="Trace only these processes.")
+@click.option("-c", "--comm", metavar="NAME", help="Trace only processes with this name.")
+@click.option("-L", "--lport", metavar="PORT[,PORT...]", help="Only TCP sockets with these local ports.")
+@click.option("-D", "--dport", metavar="PORT[,PORT...]", help="Only TCP sockets with these remote ports.")
+@click.option("-4", "--ipv4", is_flag=True, help="Only IPv4 TCP.")
+@click.option("-6", "--ipv6", is_flag=True, help="Only IPv6 TCP.")
+@click.option("--cgroup", metavar="PATH", type=click.Path(),
+              help="Only processes in this cgroup v2 directory (one container).")
+@click.option("--type", "types", metavar="TYPES", default="tcp,unix,pipe",
+              help="Kinds to trace, comma list of tcp, unix, pipe (pipe includes FIFOs). "
+                   "Default: all.")
+@click.option("-T", "--time", "show_time", is_flag=True, help="Print wall-clock time (HH:MM:SS.mmm).")
+@click.option("-t", "--timestamp", "show_ts", is_flag=True, help="Print seconds since start.")
+@click.option("--timeline", is_flag=True, help="Print the socket's history under each event.")
+@click.option("--json", "as_json", is_flag=True, help="Newline-delimited JSON, one object per event.")
+@click.option("--stack", is_flag=True, help="Add the kernel and user stacks of each failing send.")
+@click.option("-d", "--duration", type=click.FloatRange(min=0.001), metavar="SECONDS",
+              help="Stop after this many seconds.")
+@click.option("--prefer", type=click.Choice(["kprobe", "fentry", "tracepoint"]),
+              help="Prefer this mechanism where a hook has it (default: kprobe, fentry, tracepoint).")
+@click.option("--headers", "header_source", type=click.Choice(["auto", "kernel", "btf"]),
+              default="auto", show_default=True,
+              help="Kernel headers for bcc: real ones, or generated from BTF.")
+@click.option("--ebpf", is_flag=True, hidden=True, help="Print the BPF program and exit.")
+def trace_cmd(pids, comm, lport, dport, ipv4, ipv6, cgroup, types, show_time, show_ts,
+              timeline, as_json, stack, duration, prefer, header_source, ebpf):
+    """Trace broken pipes (the default command)."""
+    from .program import Filters, ProgramOptions
+    from .session import Session, SessionOptions, pid_alive
+
+    if ipv4 and ipv6:
+        raise click.UsageError("-4 and -6 exclude each other; give one, or neither for both")
+    if show_time and show_ts:
+        raise click.UsageError("-T and -t exclude each other")
+    pid_list = parse_int_list(pids, "process id", 1, 2**22)
+    kinds = set()
+    for t in (x.strip() for x in types.split(",") if x.strip()):
+        if t not in ("tcp", "unix", "pipe"):
+            raise click.BadParameter(f"unknown type {t!r}; choose from tcp, unix, pipe",
+                                     param_hint="--type")
+        kinds |= {"pipe", "fifo"} if t == "pipe" else {t}
+    if not kinds:
+        raise click.BadParameter("give at least one of tcp, unix, pipe", param_hint="--type")
+    filters = Filters(
+        pids=pid_list, comm=comm,
+        lports=parse_int_list(lport, "port", 1, 65535),
+        dports=parse_int_list(dport, "port", 1, 65535),
+        family=2 if ipv4 else 10 if ipv6 else 0,
+        kinds=None if kinds == {"tcp", "unix", "pipe", "fifo"} else kinds,
+    )
+    if (ipv4 or ipv6 or filters.lports or filters.dports) and filters.kinds is None:
+        filters.kinds = {"tcp"}
+    if cgroup:
+        try:
+            filters.cgroup_id = os.stat(cgroup).st_ino
+        except OSError as e:
+            raise click.BadParameter(f"{cgroup}: {e.strerror}; give a cgroup v2 directory "
+                                     "such as /sys/fs/cgroup/system.slice/x.service",
+                                     param_hint="--cgroup")
+        if not os.path.isdir(cgroup):
+            raise click.BadParameter(f"{cgroup} is not a directory", param_hint="--cgroup")
+    for p in pid_list:
+        if not pid_alive(p):
+            fail(f"process {p} does not exist (or has exited); check the PID with 'ps -p {p}'")
+    opts = SessionOptions(filters=filters, program=ProgramOptions(stacks=stack), json=as_json,
+                          time_mode="time" if show_time else "timestamp" if show_ts else None,
+                          timeline=timeline, duration=duration, prefer=prefer,
+                          header_source=header_source)
+    _require_root()
+    caps, tree, plan = _prepare(opts)
+    if ebpf:
+        from .program import render
+        click.echo(render(plan, filters, opts.program))
+        return
+    verdict, why = plan.verdict()
+    if verdict == "cannot run":
+        fail(f"cannot trace on this kernel: {why}")
+    if verdict == "degraded":
+        click.echo(f"epipe-trace: degraded: {why} (see 'epipe-trace doctor')", err=True)
+    if pid_list and not any(pid_alive(p) for p in pid_list):
+        fail("every target process exited during start-up")
+    sess = Session(opts)
+    if not as_json:
+        click.echo(f"Tracing broken pipes{_filter_words(filters)}... Ctrl-C to stop.", err=True)
+    code = sess.run(plan, tree)
+    sys.exit(code)
+
+
+def _filter_words(f) -> str:
+    words = []
+    if f.pids:
+        words.append("pid " + ",".join(map(str, f.pids)))
+    if f.comm:
+        words.append(f"comm {f.comm}")
+    if f.lports:
+        words.append("local port " + ",".join(map(str, f.lports)))
+    if f.dports:
+        words.append("remote port " + ",".join(map(str, f.dports)))
+    return f" ({'; '.join(words)})" if words else ""
+
+
+def _prepare(opts):
+    from .headers import HeaderError
+    from .session import prepare
+    try:
+        return prepare(opts)
+    except HeaderError as e:
+        fail(str(e))
+
+
+@main.command("doctor")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document for machines.")
+@click.option("--no-load", is_flag=True, help="Skip compiling and loading the program.")
+@click.option("--prefer", type=click.Choice(["kprobe", "fentry", "tracepoint"]),
+              help="Plan as if this mechanism were preferred.")
+@click.option("--headers", "header_source", type=click.Choice(["auto", "kernel", "btf"]),
+              default="auto", show_default=True)
+def doctor_cmd(as_json, no_load, prefer, header_source):
+    """Show what this kernel offers and what epipe-trace will attach.
+
+    Reports kernel facts (BTF, headers, kprobes, fentry, tracepoints), the
+    header tree bcc will use (and how long it took), the probe plan (hook ->
+    mechanism), then compiles, loads, attaches and detaches the planned
+    program and reports the time. Final line: ready, degraded (what is lost)
+    or cannot run (why). Exit 0 ready or degraded, 1 cannot run, 2 usage.
+    """
+    from .doctor import run_doctor
+    _require_root()
+    sys.exit(run_doctor(as_json=as_json, load_program=not no_load, prefer=prefer,
+                        header_source=header_source))
+
+
+def entry() -> None:
+    """Console-script entry: map every expected failure to one line."""
+    from .headers import HeaderError
+    from .loader import LoadError
+    try:
+        main(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(EXIT_RUNTIME)
+    except click.UsageError as e:
+        msg = e.format_message()
+        hint = f" (try '{e.ctx.command_path} --help')" if e.ctx else ""
+        click.echo(f"epipe-trace: {msg}{hint}", err=True)
+        sys.exit(EXIT_USAGE)
+    except click.ClickException as e:
+        click.echo(f"epipe-trace: {e.format_message()}", err=True)
+        sys.exit(EXIT_USAGE)
+    except HeaderError as e:
+        click.echo(f"epipe-trace: {e}", err=True)
+        sys.exit(EXIT_USAGE)
+    except LoadError as e:
+        click.echo(f"epipe-trace: {e}", err=True)
+        sys.exit(EXIT_RUNTIME)
+    except BrokenPipeError:
+        # our own reader went away (| head): stop quietly; probes are already detached
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except OSError:
+            pass
+        sys.exit(EXIT_OK)
+    except KeyboardInterrupt:
+        sys.exit(EXIT_OK)
+    except SystemExit:
+        raise
+    except Exception as e:  # noqa: BLE001 -- the promise is: no traceback, ever
+        if os.environ.get("EPIPE_TRACE_DEBUG"):
+            raise
+        click.echo(f"epipe-trace: internal error: {type(e).__name__}: {e} "
+                   "(set EPIPE_TRACE_DEBUG=1 for a traceback)", err=True)
+        sys.exit(EXIT_RUNTIME)

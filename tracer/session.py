@@ -1,0 +1,191 @@
+"""One tracing session: wire the steps together and own the exit paths.
+
+capabilities -> header tree -> plan -> load -> (poll, decode, explain, render)
+-> summary. Every way out (Ctrl-C, SIGTERM, SIGHUP, --duration, all -p targets
+gone, stdout closed, an exception in the event callback) goes through one
+``finally`` that detaches everything.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+from . import capabilities, headers
+from .events import DeliverEvent, ExitEvent, FailEvent, decode, decode_count_key
+from .explain import explain
+from .loader import Loaded, load
+from .plan import ProbePlan, make_plan
+from .program import Filters, ProgramOptions, syscall_names
+from .render import (Clock, TableRenderer, delivered_json, dumps, fail_json, killed_json,
+                     summarize, summary_text)
+
+
+class Stop(Exception):
+    """Raised inside the loop to end the session normally."""
+
+
+@dataclass
+class SessionOptions:
+    filters: Filters
+    program: ProgramOptions = field(default_factory=ProgramOptions)
+    json: bool = False
+    time_mode: str | None = None
+    timeline: bool = False
+    duration: float | None = None
+    prefer: str | None = None
+    header_source: str = "auto"
+    quiet_summary: bool = False
+
+
+def pid_alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    state = stat.rsplit(b")", 1)[-1].split()[0:1]
+    return state not in ([b"Z"], [b"X"])
+
+
+def prepare(opts: SessionOptions) -> tuple[capabilities.KernelCapabilities, headers.HeaderTree, ProbePlan]:
+    caps = capabilities.detect()
+    tree = headers.prepare(caps, prefer=opts.header_source)
+    plan = make_plan(caps, prefer=opts.prefer)
+    return caps, tree, plan
+
+
+class Session:
+    def __init__(self, opts: SessionOptions, out=None, err=None):
+        self.opts = opts
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self.clock = Clock()
+        self.loaded: Loaded | None = None
+        self.callback_error: BaseException | None = None
+        self.stop_reason: str | None = None
+        self.lost_reported = 0
+        self.syscalls = syscall_names()
+        self.renderer = TableRenderer(self.out, self.clock, opts.time_mode, opts.timeline)
+        self.events_seen = 0
+
+    # -- the callback: never let an exception vanish into ctypes --
+    def _on_event(self, ctx, data, size):
+        try:
+            self._handle(decode(data, size, self.syscalls))
+        except BaseException as e:   # noqa: BLE001 (re-raised from the loop)
+            self.callback_error = e
+        return 0
+
+    def _stack(self, ev: FailEvent) -> tuple[list[str], dict | None]:
+        if not self.opts.program.stacks or self.loaded is None:
+            return [], None
+        b = self.loaded.bpf
+        t = b["stacks"]
+        kframes, uframes = [], []
+        if ev.kstack >= 0:
+            kframes = [b.ksym(a, show_offset=True).decode("utf-8", "replace")
+                       for a in t.walk(ev.kstack)]
+        if ev.ustack >= 0:
+            uframes = [b.sym(a, ev.pid, show_module=True, show_offset=True).decode("utf-8", "replace")
+                       for a in t.walk(ev.ustack)]
+        lines = [f"kernel: {f}" for f in kframes] + [f"user:   {f}" for f in uframes]
+        return lines, {"kernel": kframes, "user": uframes}
+
+    def _handle(self, ev) -> None:
+        self.events_seen += 1
+        if isinstance(ev, FailEvent):
+            v = explain(ev)
+            lines, stack = self._stack(ev)
+            if self.opts.json:
+                self._write(dumps(fail_json(ev, v, self.clock, stack)))
+            else:
+                self.renderer.fail(ev, v, lines)
+        elif isinstance(ev, ExitEvent):
+            if self.opts.json:
+                self._write(dumps(killed_json(ev, self.clock)))
+            else:
+                self.renderer.killed(ev)
+        elif isinstance(ev, DeliverEvent):
+            if self.opts.json:
+                self._write(dumps(delivered_json(ev, self.clock)))
+
+    def _write(self, line: str) -> None:
+        self.out.write(line + "\n")
+        self.out.flush()
+
+    def _check_lost(self) -> None:
+        lost = self.loaded.stats()[1]
+        if lost > self.lost_reported:
+            n = lost - self.lost_reported
+            self.lost_reported = lost
+            if self.opts.json:
+                self._write(dumps({"event": "lost", "count": n, "total_lost": lost}))
+            else:
+                self.renderer.lost(n)
+
+    def run(self, plan: ProbePlan, tree: headers.HeaderTree, ready_cb=None) -> int:
+        """Trace until a stop condition; returns the exit code."""
+        opts = self.opts
+
+        def _term(signum, frame):
+            raise Stop(signal.Signals(signum).name)
+
+        old = {s: signal.signal(s, _term) for s in (signal.SIGTERM, signal.SIGHUP)}
+        try:
+            self.loaded = load(tree, plan, opts.filters, opts.program)
+            self.loaded.bpf["events"].open_ring_buffer(self._on_event)
+            if ready_cb:
+                ready_cb(self)
+            if not opts.json:
+                self.renderer.header()
+            deadline = time.monotonic() + opts.duration if opts.duration else None
+            targets = list(opts.filters.pids)
+            while True:
+                self.loaded.bpf.ring_buffer_poll(200)
+                if self.callback_error is not None:
+                    raise self.callback_error
+                self._check_lost()
+                if deadline and time.monotonic() >= deadline:
+                    raise Stop("duration")
+                if targets and not any(pid_alive(p) for p in targets):
+                    # drain what the last moments produced, then stop
+                    self.loaded.bpf.ring_buffer_poll(0)
+                    if self.callback_error is not None:
+                        raise self.callback_error
+                    raise Stop("targets exited")
+        except (Stop, KeyboardInterrupt) as e:
+            self.stop_reason = str(e) or "interrupted"
+            return self._finish()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            if self.loaded is not None and self.stop_reason is None:
+                self.loaded.detach()
+
+    def _finish(self) -> int:
+        try:
+            if self.loaded is not None:
+                try:
+                    self.loaded.bpf.ring_buffer_poll(0)
+                except Exception:
+                    pass
+                raw = self.loaded.counts()
+                stats = self.loaded.stats()
+                counts = [(*decode_count_key(k), n) for k, n in raw]
+                summ = summarize(counts, stats)
+                if not self.opts.quiet_summary:
+                    if self.opts.json:
+                        d = summ.to_dict()
+                        d["stop"] = self.stop_reason
+                        self._write(dumps(d))
+                    else:
+                        self.out.write(summary_text(summ))
+                        self.out.flush()
+            return 0
+        finally:
+            if self.loaded is not None:
+                self.loaded.detach()
