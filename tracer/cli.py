@@ -177,9 +177,13 @@ def trace_cmd(pids, comm, lport, dport, ipv4, ipv6, cgroup, types, show_time, sh
     if pid_list and not any(pid_alive(p) for p in pid_list):
         fail("every target process exited during start-up")
     sess = Session(opts)
-    if not as_json:
-        click.echo(f"Tracing broken pipes{_filter_words(filters)}... Ctrl-C to stop.", err=True)
-    code = sess.run(plan, tree)
+
+    def ready(_sess):
+        # after attach: scripts and tests wait for this line on stderr
+        click.echo(f"epipe-trace: tracing broken pipes{_filter_words(filters)}; "
+                   "Ctrl-C to stop", err=True)
+
+    code = sess.run(plan, tree, ready_cb=ready)
     sys.exit(code)
 
 
@@ -234,7 +238,7 @@ def entry() -> None:
     try:
         main(standalone_mode=False)
     except click.exceptions.Abort:
-        sys.exit(EXIT_RUNTIME)
+        sys.exit(EXIT_OK)          # Ctrl-C before tracing started: nothing attached
     except click.UsageError as e:
         msg = e.format_message()
         hint = f" (try '{e.ctx.command_path} --help')" if e.ctx else ""

@@ -6,6 +6,7 @@ it is imported or when it compiles.
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 import tempfile
@@ -31,6 +32,9 @@ class Loaded:
         """Detach every probe and free every map. Safe to call twice."""
         b, self.bpf = self.bpf, None
         if b is not None:
+            # bcc registers cleanup() with atexit too, and a second run of it
+            # fails on tracepoints already detached: run it once, here
+            atexit.unregister(b.cleanup)
             b.cleanup()
 
     def counts(self) -> list[tuple[bytes, int]]:

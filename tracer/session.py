@@ -167,6 +167,10 @@ class Session:
                 self.loaded.detach()
 
     def _finish(self) -> int:
+        # once stopping, a second Ctrl-C/SIGTERM must not cut the summary or,
+        # worse, the detach in half
+        ignored = {s: signal.signal(s, signal.SIG_IGN)
+                   for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
             if self.loaded is not None:
                 try:
@@ -189,3 +193,5 @@ class Session:
         finally:
             if self.loaded is not None:
                 self.loaded.detach()
+            for s, h in ignored.items():
+                signal.signal(s, h)

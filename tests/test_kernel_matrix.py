@@ -1,0 +1,94 @@
+"""Multi-kernel test: boots Debian cloud kernels under qemu with
+scripts/kernel-matrix and checks that bcc's kprobe (tcp_set_state) and
+tracepoint (sock:inet_sock_set_state) both fired on every kernel.
+
+The `matrix` test is slow (about 2 minutes with a warm cache, 3 cold) and is
+selected with `-m matrix`; inside the guests the runner uses `-m 'not matrix'`.
+
+Environment:
+  EPIPE_MATRIX_CACHE    cache dir (default /var/cache/epipe-trace/matrix)
+  EPIPE_MATRIX_KERNELS  kernel series (default 5.10,6.1,6.12)
+  EPIPE_MATRIX_JOBS     guests in parallel (default: the runner's, 2)
+  EPIPE_MATRIX_OUT      keep results here instead of a pytest tmp dir
+"""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "scripts" / "kernel-matrix"
+PYTHON = "/usr/bin/python3"
+DEFAULT_CACHE = "/var/cache/epipe-trace/matrix"
+DEFAULT_KERNELS = "5.10,6.1,6.12"
+
+
+def run_matrix(*args, timeout=3600):
+    return subprocess.run([PYTHON, str(SCRIPT), *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, timeout=timeout)
+
+
+@pytest.mark.matrix
+def test_smoke_on_every_kernel(tmp_path):
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 is not installed "
+                    "(scripts/kernel-matrix --install-host-deps installs it)")
+    if os.geteuid() != 0:
+        pytest.skip("scripts/kernel-matrix needs root (debootstrap, mke2fs -d)")
+    cache = os.environ.get("EPIPE_MATRIX_CACHE", DEFAULT_CACHE)
+    kernels = [k.strip() for k in
+               os.environ.get("EPIPE_MATRIX_KERNELS", DEFAULT_KERNELS).split(",")
+               if k.strip()]
+    out = Path(os.environ.get("EPIPE_MATRIX_OUT") or tmp_path / "matrix-out")
+    args = ["--cache", cache, "--out", str(out), "--kernels", ",".join(kernels)]
+    if os.environ.get("EPIPE_MATRIX_JOBS"):
+        args += ["--jobs", os.environ["EPIPE_MATRIX_JOBS"]]
+
+    p = run_matrix(*args)
+    detail = "stdout:\n%s\nstderr (tail):\n%s" % (p.stdout, p.stderr[-4000:])
+    assert p.returncode == 0, "kernel-matrix failed (rc %d)\n%s" % (p.returncode, detail)
+
+    summary = json.loads((out / "summary.json").read_text())
+    by_series = {r["series"]: r for r in summary["kernels"]}
+    assert sorted(by_series) == sorted(kernels), detail
+
+    problems = []
+    for series in kernels:
+        rec = by_series[series]
+        release = rec["release"]
+        kdir = out / release
+        smoke_file = kdir / "smoke.json"
+        if not smoke_file.exists():
+            problems.append("%s: no smoke.json (see %s)" % (release, kdir))
+            continue
+        smoke = json.loads(smoke_file.read_text())
+        uname = (kdir / "uname.txt").read_text().strip()
+        if not release.startswith(series + "."):
+            problems.append("%s: release does not belong to series %s" % (release, series))
+        if uname != release or smoke.get("kernel") != release:
+            problems.append("%s: guest reported uname %r, smoke kernel %r" % (
+                release, uname, smoke.get("kernel")))
+        if not smoke.get("kprobe_hits", 0) > 0:
+            problems.append("%s: kprobe tcp_set_state did not fire: %s" % (release, smoke))
+        if not smoke.get("tracepoint_hits", 0) > 0:
+            problems.append("%s: tracepoint sock:inet_sock_set_state did not fire: %s"
+                            % (release, smoke))
+    assert not problems, "\n".join(problems) + "\n" + detail
+
+
+# Fast checks of the runner's input handling (no qemu, no network).
+
+@pytest.mark.parametrize("args, message", [
+    (["--kernels", "4.19"], "unknown kernel series 4.19"),
+    (["--kernels", ","], "--kernels is empty"),
+    (["--jobs", "0"], "--jobs must be a positive number"),
+])
+def test_bad_arguments_give_one_line_error(args, message):
+    p = run_matrix(*args, timeout=60)
+    assert p.returncode != 0
+    assert message in p.stderr
+    assert "Traceback" not in p.stderr

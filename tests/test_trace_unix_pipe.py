@@ -1,0 +1,62 @@
+"""UNIX sockets, pipes and FIFOs on the real kernel."""
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from tracer import scenarios
+
+from .test_trace_tcp import run_traced
+
+pytestmark = pytest.mark.bpf
+
+
+def test_pipe_reader_exits_producer_killed(tracer):
+    outcome, fails, objs = run_traced(tracer, "pipe_reader_exits")
+    assert outcome.killed_by == signal.SIGPIPE
+    f = fails[0]
+    assert f["kind"] == "pipe" and f["cause"] == "no_readers" and f["sigpipe"] == "fatal"
+    assert f["syscall"] == "write" and f["readers"] == 0
+    assert f["last_reader"]["how"] == "exited" and f["last_reader"]["comm"].startswith("python")
+    assert f["last_reader"]["pid"] == outcome.extra["reader_pid"]
+    assert any(o["event"] == "killed_by_sigpipe" and o["pid"] == outcome.pid for o in objs)
+
+
+def test_pipe_with_sigpipe_ignored(tracer):
+    outcome, fails, _ = run_traced(tracer, "pipe_ignored")
+    assert outcome.sends[0] == 7 and outcome.sends[1:] == ["EPIPE"] * 3
+    assert len(fails) == 3
+    assert {f["sigpipe"] for f in fails} == {"ignored"}
+    assert fails[0]["last_reader"]["pid"] == outcome.extra["reader_pid"]
+
+
+def test_fifo_named(tracer):
+    outcome, fails, _ = run_traced(tracer, "fifo_reader_exits")
+    assert outcome.sends[1:] == ["EPIPE", "EPIPE"]
+    assert fails[0]["kind"] == "fifo" and fails[0]["name"] == "epipe.fifo"
+    assert fails[0]["last_reader"]["pid"] == outcome.extra["reader_pid"]
+
+
+def test_unix_peer_closed(tracer):
+    outcome, fails, _ = run_traced(tracer, "unix_peer_closed")
+    assert outcome.sends == [5, "EPIPE"]
+    assert fails[0]["kind"] == "unix" and fails[0]["cause"] == "peer_closed"
+    assert fails[0]["peer_pid"] == outcome.pid          # socketpair: we are both ends
+    assert "closed its end" in fails[0]["explanation"]
+
+
+def test_unix_own_shutdown(tracer):
+    _, fails, _ = run_traced(tracer, "unix_own_shutdown")
+    assert [f["cause"] for f in fails] == ["own_shutdown"]
+
+
+def test_type_filter(tracer):
+    """--type tcp hides the pipe's EPIPE in the kernel: not shown, not counted."""
+    sc = scenarios.CATALOG["pipe_ignored"]
+    proc = scenarios.start(sc, gate=True)
+    t = tracer("-p", str(proc.pid), "--type", "tcp")
+    scenarios.release(proc)
+    assert "EPIPE" in scenarios.finish(sc, proc).sends
+    rc, objs, _ = t.stop_json()
+    assert [o["event"] for o in objs] == ["summary"] and objs[0]["total"] == 0
