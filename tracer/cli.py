@@ -183,8 +183,22 @@ def trace_cmd(pids, comm, lport, dport, ipv4, ipv6, cgroup, types, show_time, sh
         click.echo(f"epipe-trace: tracing broken pipes{_filter_words(filters)}; "
                    "Ctrl-C to stop", err=True)
 
-    code = sess.run(plan, tree, ready_cb=ready)
+    try:
+        code = sess.run(plan, tree, ready_cb=ready)
+    except BrokenPipeError:
+        # our reader went away (| head): a normal end. The session has already
+        # detached; click would turn this into exit 1, so end here.
+        _stdout_to_devnull()
+        code = EXIT_OK
     sys.exit(code)
+
+
+def _stdout_to_devnull() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except OSError:
+        pass
 
 
 def _filter_words(f) -> str:
@@ -236,7 +250,7 @@ def entry() -> None:
     from .headers import HeaderError
     from .loader import LoadError
     try:
-        main(standalone_mode=False)
+        main(prog_name="epipe-trace", standalone_mode=False)
     except click.exceptions.Abort:
         sys.exit(EXIT_OK)          # Ctrl-C before tracing started: nothing attached
     except click.UsageError as e:
@@ -254,12 +268,7 @@ def entry() -> None:
         click.echo(f"epipe-trace: {e}", err=True)
         sys.exit(EXIT_RUNTIME)
     except BrokenPipeError:
-        # our own reader went away (| head): stop quietly; probes are already detached
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-        except OSError:
-            pass
+        _stdout_to_devnull()        # our reader went away (| head)
         sys.exit(EXIT_OK)
     except KeyboardInterrupt:
         sys.exit(EXIT_OK)
