@@ -63,6 +63,9 @@
 #define EP_PIPEFS_MAGIC 0x50495045
 #define EP_TCP_ESTABLISHED 1
 #define EP_TCP_CLOSE_WAIT  8
+#define EP_TCP_SYN_SENT    2
+#define EP_TCP_SYN_RECV    3
+#define EP_TCP_LISTEN      10
 #define EP_SOCK_STREAM     1
 #define EP_SOCK_SEQPACKET  5
 
@@ -341,6 +344,19 @@ static __always_inline void on_state(struct sock *sk, int oldstate, int newstate
         return;
     u64 now = bpf_ktime_get_ns();
     u8 n = h->nstates;
+    /* Sockets are keyed by address and freed sockets' memory is reused: a
+     * history whose last state is not this change's old state, or a change
+     * that starts a socket's life, belongs to a previous socket. Start over. */
+    u8 last = n ? h->states[(n - 1) & (NSTATES - 1)].newstate : 0;
+    if ((n && last != oldstate) || newstate == EP_TCP_SYN_SENT ||
+        newstate == EP_TCP_LISTEN || newstate == EP_TCP_SYN_RECV) {
+        int z = 0;
+        struct sk_hist *zero = zero_hist.lookup(&z);
+        if (zero)
+            bpf_probe_read_kernel(h, sizeof(*h), zero);
+        h->first_ts = now;
+        n = 0;
+    }
     struct state_rec *r = &h->states[n & (NSTATES - 1)];
     r->ts = now;
     r->oldstate = oldstate;
@@ -591,6 +607,8 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close)
         u16 family = KR(sk, __sk_common.skc_family);
         if (family != EP_AF_UNIX)
             return 0;
+        u64 own = (u64)sk;
+        hist.delete(&own);       /* its memory may soon be another socket's */
         struct unix_sock *u = (struct unix_sock *)sk;
         struct sock *peer = 0;
         bpf_probe_read_kernel(&peer, sizeof(peer), &u->peer);

@@ -245,6 +245,63 @@ def doctor_cmd(as_json, no_load, prefer, header_source):
                         header_source=header_source))
 
 
+@main.command("repro")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False, writable=True),
+              metavar="FILE", help="Write the kernel fingerprint to FILE ('-' for stdout).")
+@click.option("--prefer", type=click.Choice(["kprobe", "fentry", "tracepoint"]),
+              help="Prefer this mechanism where a hook has it.")
+def repro_cmd(json_file, prefer):
+    """Run the fixed broken-pipe scenarios on loopback, traced, and record a
+    kernel fingerprint: per scenario the send results, signals, state
+    transitions, kernel path and verdicts. Exit 0 when every verdict is the
+    expected one, 1 otherwise."""
+    from .repro import run_repro
+    _require_root()
+    doc = run_repro(prefer=prefer)
+    text = json.dumps(doc, indent=1)
+    if json_file == "-":
+        click.echo(text)
+    elif json_file:
+        with open(json_file, "w") as f:
+            f.write(text + "\n")
+    rows = [(name, ",".join(f["causes"]) or "-", ",".join(sorted(set(f["sigpipe"]))) or "-",
+             "yes" if f["as_expected"] else "NO") for name, f in doc["scenarios"].items()]
+    from tabulate import tabulate
+    click.echo(tabulate(rows, headers=["SCENARIO", "CAUSE", "SIGPIPE", "AS EXPECTED"]),
+               err=json_file == "-")
+    sys.exit(EXIT_OK if all(f["as_expected"] for f in doc["scenarios"].values()) else EXIT_RUNTIME)
+
+
+@main.command("compare")
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Rows as JSON for machines.")
+@click.option("--diff", "only_diff", is_flag=True, help="Show only the rows that differ.")
+def compare_cmd(files, as_json, only_diff):
+    """Put fingerprints from `repro --json` side by side. Exit 0 when the
+    scenario facts are equal everywhere, 1 when they differ (plan differences
+    are shown but expected between kernels)."""
+    from .repro import compare, compare_table
+    if len(files) < 2:
+        raise click.UsageError("give at least two fingerprint files")
+    docs = []
+    for f in files:
+        try:
+            with open(f) as fh:
+                docs.append(json.load(fh))
+        except ValueError as e:
+            raise click.BadParameter(f"{f} is not a fingerprint (invalid JSON: {e})")
+    names = [d.get("kernel", {}).get("release", f) for d, f in zip(docs, files)]
+    if len(set(names)) < len(names):
+        names = list(files)
+    rows, differ = compare(docs, names)
+    if as_json:
+        click.echo(json.dumps({"kernels": names, "differ": differ, "rows": rows}, indent=1))
+    else:
+        click.echo(compare_table(rows, names, only_diff))
+        click.echo("\n" + ("facts differ (rows marked *)" if differ else "all scenario facts equal"))
+    sys.exit(EXIT_RUNTIME if differ else EXIT_OK)
+
+
 def entry() -> None:
     """Console-script entry: map every expected failure to one line."""
     from .headers import HeaderError

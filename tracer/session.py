@@ -71,6 +71,11 @@ class Session:
         self.syscalls = syscall_names()
         self.renderer = TableRenderer(self.out, self.clock, opts.time_mode, opts.timeline)
         self.events_seen = 0
+        self._stop_requested: str | None = None
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the loop to end at its next turn (safe from another thread)."""
+        self._stop_requested = reason
 
     # -- the callback: never let an exception vanish into ctypes --
     def _on_event(self, ctx, data, size):
@@ -149,6 +154,9 @@ class Session:
                 if self.callback_error is not None:
                     raise self.callback_error
                 self._check_lost()
+                if self._stop_requested:
+                    self.loaded.bpf.ring_buffer_poll(0)
+                    raise Stop(self._stop_requested)
                 if deadline and time.monotonic() >= deadline:
                     raise Stop("duration")
                 if targets and not any(pid_alive(p) for p in targets):
