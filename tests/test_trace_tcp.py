@@ -37,8 +37,10 @@ def test_slow_accept_shows_queue_wait_rst_in_close_wait_and_fate(tracer):
         assert f["history"]["rst"]["state"] == "CLOSE_WAIT"
         assert f["error_reported"] if "error_reported" in f else True
         assert f["history"]["error_reported"] == "EPIPE"
-        # the test closed the client 50 ms after connect, then waited 0.4 s
-        assert abs(f["accept_queue_wait_ms"] - 450) < 50, f["accept_queue_wait_ms"]
+        # the scenario measured connect -> accept itself (about 450 ms)
+        real = outcome.extra["queue_wait_ms"]
+        assert real >= 440
+        assert abs(f["accept_queue_wait_ms"] - real) < 50, (f["accept_queue_wait_ms"], real)
         states = [(s["from"], s["to"]) for s in f["history"]["states"]]
         assert ("ESTABLISHED", "CLOSE_WAIT") in states and ("CLOSE_WAIT", "CLOSE") in states
         assert f["remote"]["addr"] == "127.0.0.1" and f["local"]["port"] > 0

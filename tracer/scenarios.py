@@ -58,11 +58,14 @@ _BODIES = {
     # the seed's incident: peer connects and closes before we accept()
     "slow_accept": r'''
 srv = listener(FAM)
+t0 = time.monotonic()
 c = socket.create_connection(srv.getsockname()[:2])
 time.sleep(0.05)
 c.close()
 time.sleep(DELAY)
 a, _ = srv.accept()
+# the real time the connection waited in the accept queue, as this process saw it
+sys.stdout.write(json.dumps({"queue_wait_ms": (time.monotonic() - t0) * 1000}) + "\n")
 for i in range(3):
     send(a, b"hello", FLAGS)
     time.sleep(0.1)
