@@ -35,6 +35,7 @@ def test_fifo_named(tracer):
     outcome, fails, _ = run_traced(tracer, "fifo_reader_exits")
     assert outcome.sends[1:] == ["EPIPE", "EPIPE"]
     assert fails[0]["kind"] == "fifo" and fails[0]["name"] == "epipe.fifo"
+    assert fails[0]["path"] == outcome.extra["fifo"]
     assert fails[0]["last_reader"]["pid"] == outcome.extra["reader_pid"]
 
 

@@ -165,6 +165,7 @@ class FailEvent:
     peer_pid: int = 0
     peer_shutdown: int = 0
     name: bytes = b""           # UNIX address or pipe/FIFO dentry name
+    fifo_path: str | None = None  # full FIFO path, resolved in user space (see session)
     ino: int = 0
     pipe_readers: int = 0
     pipe_writers: int = 0

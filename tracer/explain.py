@@ -174,7 +174,8 @@ def explain(ev: FailEvent) -> Verdict:
         if name:
             parts.append(f"socket {name}")
     elif f.kind in ("pipe", "fifo"):
-        what = "FIFO" if f.kind == "fifo" else "pipe"
+        what = f"FIFO {ev.fifo_path}" if f.kind == "fifo" and ev.fifo_path else (
+            "FIFO" if f.kind == "fifo" else "pipe")
         parts.append(f"the {what} (inode {ev.ino}) had no readers left")
         if ev.pipe_reader_pid:
             how = ("closed its read end" if ev.pipe_reader_how == 1 else

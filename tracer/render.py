@@ -80,7 +80,7 @@ def _endpoints(ev: FailEvent) -> tuple[str, str]:
         name = ev.name.split(b"\0", 1)[0] if ev.name[:1] != b"\0" else b"@" + ev.name[1:].split(b"\0", 1)[0]
         return (f"unix:{escape(name)}" if name else "unix"), (f"peer pid {ev.peer_pid}" if ev.peer_pid else "peer")
     if k in ("pipe", "fifo"):
-        local = f"{k}:[{ev.ino}]" if k == "pipe" else f"fifo:{escape(ev.name)}"
+        local = f"{k}:[{ev.ino}]" if k == "pipe" else f"fifo:{escape(ev.fifo_path or ev.name)}"
         reader = f"reader pid {ev.pipe_reader_pid}" if ev.pipe_reader_pid else "no readers"
         return local, reader
     return k, "-"
@@ -204,6 +204,7 @@ def fail_json(ev: FailEvent, v: Verdict, clock: Clock, stack: dict | None = None
     elif ev.facts.kind in ("pipe", "fifo"):
         name = json_string(ev.name)
         d.update({"inode": ev.ino, "name": name["text"], "name_hex": name["hex"],
+                  "path": ev.fifo_path,
                   "readers": ev.pipe_readers, "writers": ev.pipe_writers,
                   "last_reader": ({"pid": ev.pipe_reader_pid,
                                    "comm": json_string(ev.pipe_reader_comm)["text"],

@@ -154,6 +154,7 @@ for i in range(3):
     if i == 0:
         reader.wait()
         time.sleep(0.02)
+time.sleep(0.5)   # keep the fd open while the tracer resolves its path
 os.unlink(path); os.rmdir(d)
 done()
 ''',

@@ -100,9 +100,23 @@ class Session:
         lines = [f"kernel: {f}" for f in kframes] + [f"user:   {f}" for f in uframes]
         return lines, {"kernel": kframes, "user": uframes}
 
+    @staticmethod
+    def _resolve_fifo(ev: FailEvent) -> None:
+        """The kernel side only has the FIFO's last path component; the full
+        path comes from /proc/PID/fd/FD while the writer still has it open."""
+        try:
+            target = os.readlink(f"/proc/{ev.pid}/fd/{ev.fd}")
+            st = os.stat(f"/proc/{ev.pid}/fd/{ev.fd}")
+        except OSError:
+            return
+        if st.st_ino == ev.ino and not target.startswith("pipe:"):
+            ev.fifo_path = target
+
     def _handle(self, ev) -> None:
         self.events_seen += 1
         if isinstance(ev, FailEvent):
+            if ev.facts.kind == "fifo":
+                self._resolve_fifo(ev)
             v = explain(ev)
             lines, stack = self._stack(ev)
             if self.opts.json:
