@@ -67,6 +67,24 @@ def test_not_root_names_the_privilege():
     assert_one_line_error(r, 2, "root", "CAP_BPF")
 
 
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="needs root to drop capabilities")
+def test_root_without_bpf_capabilities_names_the_missing_one():
+    r = subprocess.run(["setpriv", "--bounding-set=-bpf,-sys_admin", "--inh-caps=-all",
+                        *PY, "-p", str(os.getpid())], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert_one_line_error(r, 2, "CAP_BPF")
+    assert "CAP_PERFMON" not in r.stderr           # that one it still has
+
+
+def test_missing_privileges_logic():
+    from tracer.cli import CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN, missing_privileges
+    assert missing_privileges(1 << CAP_SYS_ADMIN) == []
+    assert missing_privileges((1 << CAP_BPF) | (1 << CAP_PERFMON)) == []
+    assert missing_privileges(1 << CAP_BPF) == ["CAP_PERFMON"]
+    assert missing_privileges(0) == ["CAP_BPF", "CAP_PERFMON"]
+
+
 @pytest.mark.bpf
 def test_no_btf_no_headers_says_what_to_install(tmp_path):
     """A mount namespace hides the kernel's BTF: the real check, no test hook."""

@@ -88,10 +88,37 @@ def main():
     """
 
 
+CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+
+
+def effective_caps() -> int:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return 0
+
+
+def missing_privileges(caps: int) -> list[str]:
+    """What keeps this process from loading tracing programs ([] when nothing).
+
+    CAP_SYS_ADMIN is enough everywhere; since 5.8, CAP_BPF with CAP_PERFMON
+    also is. Reading /proc/kallsyms addresses for stacks needs one of them too.
+    """
+    if caps & (1 << CAP_SYS_ADMIN):
+        return []
+    missing = [name for bit, name in ((CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON"))
+               if not caps & (1 << bit)]
+    return missing
+
+
 def _require_root() -> None:
-    if os.geteuid() != 0:
-        fail("needs root: loading BPF programs takes CAP_BPF and CAP_PERFMON "
-             "(or CAP_SYS_ADMIN); run it with sudo")
+    missing = missing_privileges(effective_caps())
+    if missing:
+        fail(f"missing privilege {' and '.join(missing)} (or CAP_SYS_ADMIN): loading BPF "
+             "tracing programs needs them; run it as root, e.g. with sudo")
 
 
 @main.command("trace", epilog=TRACE_EPILOG)
