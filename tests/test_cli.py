@@ -210,3 +210,64 @@ def test_hostile_process_name_is_escaped(tmp_path):
     rc, objs, err = t.stop_json()
     ev = [o for o in objs if o["event"] == "broken_pipe"][0]
     assert bytes.fromhex(ev["comm_hex"]) == b"ev\x1b[2Jil\xff"
+
+
+STORM = r"""
+import errno, os, signal, socket, sys, time
+signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+sys.stdin.readline()
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(1)
+c = socket.create_connection(srv.getsockname()); a, _ = srv.accept()
+a.shutdown(socket.SHUT_WR)
+n = 0
+end = time.monotonic() + 0.5
+while time.monotonic() < end and n < 200000:
+    try:
+        a.send(b"x")
+    except OSError as e:
+        if e.errno == errno.EPIPE:
+            n += 1
+print(n)
+"""
+
+
+@pytest.mark.bpf
+def test_lost_events_are_reported_and_summary_stays_exact():
+    """A one-page ring buffer cannot keep up with an EPIPE storm."""
+    proc = subprocess.Popen([sys.executable, "-c", STORM], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    t = Tracer(["-p", str(proc.pid), "--buffer-pages", "1"])
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    epipes = int(proc.communicate(timeout=60)[0])
+    rc, objs, err = t.stop_json()
+    assert rc == 0, err
+    summary = objs[-1]
+    shown = sum(1 for o in objs if o["event"] == "broken_pipe")
+    lost_live = sum(o["count"] for o in objs if o["event"] == "lost")
+    assert epipes > 1000
+    assert summary["total"] == epipes                      # exact, from kernel counters
+    assert summary["by_cause"] == {"own_shutdown": epipes}
+    assert summary["lost_events"] > 0
+    assert shown + summary["lost_events"] == epipes        # every event shown or counted lost
+    assert lost_live == summary["lost_events"]             # and said live, not only at the end
+
+
+@pytest.mark.bpf
+def test_two_instances_trace_and_detach_independently():
+    from tracer import scenarios
+    sc = scenarios.CATALOG["own_shutdown"]
+    proc = scenarios.start(sc, gate=True)
+    a = Tracer(["-p", str(proc.pid)])
+    b = Tracer(["-p", str(proc.pid), "--type", "tcp"])
+    ids_a, ids_b = _prog_ids_of(a.proc.pid), _prog_ids_of(b.proc.pid)
+    assert ids_a and ids_b and not ids_a & ids_b
+    rc, objs_a, _ = a.stop_json()
+    assert not _still_loaded(ids_a) and ids_b <= _loaded_prog_ids()   # b untouched
+    scenarios.release(proc)
+    scenarios.finish(sc, proc)
+    rc_b, objs_b, err = b.stop_json()
+    assert rc == 0 and rc_b == 0, err
+    assert objs_a[-1]["total"] == 0                      # a had stopped before the failure
+    assert objs_b[-1]["by_cause"] == {"own_shutdown": 1}
+    assert not _still_loaded(ids_b)

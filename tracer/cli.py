@@ -145,9 +145,12 @@ def _require_root() -> None:
 @click.option("--headers", "header_source", type=click.Choice(["auto", "kernel", "btf"]),
               default="auto", show_default=True,
               help="Kernel headers for bcc: real ones, or generated from BTF.")
+@click.option("--buffer-pages", type=int, default=256, show_default=True, metavar="N",
+              help="Ring buffer size in pages (a power of two). When it fills, event lines "
+                   "are dropped and counted; the summary stays exact.")
 @click.option("--ebpf", is_flag=True, hidden=True, help="Print the BPF program and exit.")
 def trace_cmd(pids, comm, lport, dport, ipv4, ipv6, cgroup, types, show_time, show_ts,
-              timeline, as_json, stack, duration, prefer, header_source, ebpf):
+              timeline, as_json, stack, duration, prefer, header_source, buffer_pages, ebpf):
     """Trace broken pipes (the default command)."""
     from .program import Filters, ProgramOptions
     from .session import Session, SessionOptions, pid_alive
@@ -156,6 +159,9 @@ def trace_cmd(pids, comm, lport, dport, ipv4, ipv6, cgroup, types, show_time, sh
         raise click.UsageError("-4 and -6 exclude each other; give one, or neither for both")
     if show_time and show_ts:
         raise click.UsageError("-T and -t exclude each other")
+    if buffer_pages < 1 or buffer_pages & (buffer_pages - 1) or buffer_pages > 65536:
+        raise click.BadParameter(f"{buffer_pages} is not a power of two from 1 to 65536",
+                                 param_hint="--buffer-pages")
     pid_list = parse_int_list(pids, "process id", 1, 2**22)
     kinds = set()
     for t in (x.strip() for x in types.split(",") if x.strip()):
@@ -186,7 +192,9 @@ def trace_cmd(pids, comm, lport, dport, ipv4, ipv6, cgroup, types, show_time, sh
     for p in pid_list:
         if not pid_alive(p):
             fail(f"process {p} does not exist (or has exited); check the PID with 'ps -p {p}'")
-    opts = SessionOptions(filters=filters, program=ProgramOptions(stacks=stack), json=as_json,
+    opts = SessionOptions(filters=filters, program=ProgramOptions(stacks=stack,
+                                                                  ringbuf_pages=buffer_pages),
+                          json=as_json,
                           time_mode="time" if show_time else "timestamp" if show_ts else None,
                           timeline=timeline, duration=duration, prefer=prefer,
                           header_source=header_source)
