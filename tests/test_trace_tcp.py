@@ -144,3 +144,13 @@ def test_table_output_and_timeline(tracer):
     assert any("RST received in CLOSE_WAIT" in ln for ln in lines)
     assert any("ESTABLISHED -> CLOSE_WAIT" in ln for ln in lines)
     assert "CAUSE" in out and "COUNT" in out     # the exit summary table
+
+
+def test_stack_names_the_kernel_path(tracer):
+    _, fails, _ = run_traced(tracer, "own_shutdown", extra_args=("--stack",))
+    st = fails[0]["stack"]
+    kernel = " ".join(st["kernel"])
+    assert not st["kernel"][0].startswith("bpf_prog_")      # our own frames are trimmed
+    assert "sk_stream_error" in kernel or "sock_send_length" in kernel, st["kernel"]
+    assert "sys_sendto" in kernel
+    assert st["user"], "user stack missing"

@@ -69,6 +69,49 @@ class _CapturedStderr:
         return "\n".join(lines[:limit])
 
 
+_COMPILER_LIBS = ("libbcc.so", "libLLVM", "libclang")
+_MADV_DONTNEED = 4
+
+
+def release_compiler_memory() -> int:
+    """Give back what compiling cost once the program is loaded; returns the
+    number of mappings released.
+
+    bcc's embedded clang/LLVM leaves ~40 MB of freed heap and ~75 MB of
+    touched library pages behind. malloc_trim returns the heap. Library
+    mappings are dropped with MADV_DONTNEED only where that is lossless:
+    read-only mappings with no anonymous (copy-on-write) pages, which refault
+    from the file if ever used again. RELRO pages hold relocated pointers and
+    do have anonymous pages, so they are kept.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        libc.malloc_trim(0)
+    except AttributeError:          # not glibc
+        pass
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    released, cur = 0, None
+    try:
+        smaps = open("/proc/self/smaps").read().splitlines()
+    except OSError:
+        return 0
+    for line in smaps:
+        parts = line.split()
+        if not parts:
+            continue
+        if "-" in parts[0] and not parts[0].endswith(":"):
+            cur = None
+            if (len(parts) >= 6 and "w" not in parts[1]
+                    and any(lib in parts[5] for lib in _COMPILER_LIBS)):
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                cur = (lo, hi)
+        elif parts[0] == "Anonymous:" and cur is not None:
+            if int(parts[1]) == 0 and libc.madvise(cur[0], cur[1] - cur[0], _MADV_DONTNEED) == 0:
+                released += 1
+            cur = None
+    return released
+
+
 def load(tree: HeaderTree, plan: ProbePlan, filters: Filters,
          opts: ProgramOptions | None = None) -> Loaded:
     opts = opts or ProgramOptions()
@@ -89,6 +132,8 @@ def load(tree: HeaderTree, plan: ProbePlan, filters: Filters,
         raise LoadError(f"bcc could not compile/load the program ({err})"
                         + (f":\n{detail}" if detail else ""))
     loaded = Loaded(b, time.monotonic() - t0, text)
+    if not os.environ.get("EPIPE_TRACE_KEEP_COMPILER"):
+        release_compiler_memory()
     try:
         if filters.pids:
             t = b["target_pids"]

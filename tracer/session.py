@@ -23,6 +23,10 @@ from .render import (Clock, TableRenderer, delivered_json, dumps, fail_json, kil
                      summarize, summary_text)
 
 
+_PROBE_FRAMES = ("bpf_prog_", "bpf_trace_run", "__traceiter_", "__bpf_trace_", "perf_trace_",
+                 "kprobe_", "bpf_trampoline_")
+
+
 class Stop(Exception):
     """Raised inside the loop to end the session normally."""
 
@@ -94,6 +98,9 @@ class Session:
         if ev.kstack >= 0:
             kframes = [b.ksym(a, show_offset=True).decode("utf-8", "replace")
                        for a in t.walk(ev.kstack)]
+            # the top frames are our own probe and the tracing glue: not the story
+            while kframes and kframes[0].startswith(_PROBE_FRAMES):
+                kframes.pop(0)
         if ev.ustack >= 0:
             uframes = [b.sym(a, ev.pid, show_module=True, show_offset=True).decode("utf-8", "replace")
                        for a in t.walk(ev.ustack)]
