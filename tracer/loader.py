@@ -116,7 +116,13 @@ def load(tree: HeaderTree, plan: ProbePlan, filters: Filters,
          opts: ProgramOptions | None = None) -> Loaded:
     opts = opts or ProgramOptions()
     text = render(plan, filters, opts)
-    os.environ["BCC_KERNEL_SOURCE"] = tree.path
+    if tree.kind == "btf-generated":
+        os.environ["BCC_KERNEL_SOURCE"] = tree.path
+    else:
+        # real headers: let bcc find /lib/modules/<release>/{build,source}
+        # itself; naming build alone hides the source half of Debian's split
+        # headers (kconfig.h not found)
+        os.environ.pop("BCC_KERNEL_SOURCE", None)
     t0 = time.monotonic()
     from bcc import BPF  # import only once BCC_KERNEL_SOURCE is set
     err = None
