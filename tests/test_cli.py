@@ -42,6 +42,8 @@ def assert_one_line_error(r, code=2, *words):
     (["--type", "udp"], ["unknown type", "udp"]),
     (["-T", "-t"], ["exclude"]),
     (["--cgroup", "/nonexistent/cg"], ["cgroup"]),
+    (["--cgroup", "/proc"], ["not on a cgroup v2"]),
+    (["--buffer-pages", "3"], ["power of two"]),
     (["--bogus"], ["No such option"]),
 ])
 def test_bad_input_one_line_exit_2(args, words):

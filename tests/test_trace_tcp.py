@@ -154,3 +154,57 @@ def test_stack_names_the_kernel_path(tracer):
     assert "sk_stream_error" in kernel or "sock_send_length" in kernel, st["kernel"]
     assert "sys_sendto" in kernel
     assert st["user"], "user stack missing"
+
+
+def _cgroup2_root():
+    for ln in open("/proc/mounts"):
+        parts = ln.split()
+        if parts[2] == "cgroup2":
+            return parts[1]
+    return None
+
+
+def test_cgroup_filter_traces_one_container(tracer, tmp_path):
+    import os
+    root = _cgroup2_root()
+    if root is None:
+        pytest.skip("no cgroup v2 mounted")
+    cg = os.path.join(root, f"epipe-test-{os.getpid()}")
+    os.mkdir(cg)
+    try:
+        inside = scenarios.start(scenarios.CATALOG["own_shutdown"], gate=True)
+        outside = scenarios.start(scenarios.CATALOG["own_shutdown"], gate=True)
+        with open(os.path.join(cg, "cgroup.procs"), "w") as f:
+            f.write(str(inside.pid))
+        t = tracer("--cgroup", cg)
+        for p in (inside, outside):
+            scenarios.release(p)
+        o_in = scenarios.finish(scenarios.CATALOG["own_shutdown"], inside)
+        o_out = scenarios.finish(scenarios.CATALOG["own_shutdown"], outside)
+        assert o_out.sends == [5, "EPIPE"]                   # it broke a pipe too
+        rc, objs, err = t.stop_json()
+        fails = [o for o in objs if o["event"] == "broken_pipe"]
+        assert [f["pid"] for f in fails] == [o_in.pid], err
+    finally:
+        os.rmdir(cg)
+
+
+def test_comm_filter(tracer):
+    import os
+    import subprocess
+    import sys
+    sc = scenarios.CATALOG["own_shutdown"]
+    code = "import ctypes; ctypes.CDLL(None).prctl(15, b'epipe-victim', 0, 0, 0)\n" + sc.program()
+    env = dict(os.environ, EPIPE_SCENARIO_GATE="1")
+    named = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    other = scenarios.start(sc, gate=True)
+    t = tracer("-c", "epipe-victim")
+    scenarios.release(named)
+    scenarios.release(other)
+    scenarios.finish(sc, named)
+    scenarios.finish(sc, other)
+    rc, objs, err = t.stop_json()
+    fails = [o for o in objs if o["event"] == "broken_pipe"]
+    assert [f["comm"] for f in fails] == ["epipe-victim"], err
+    assert fails[0]["pid"] == named.pid

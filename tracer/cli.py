@@ -189,6 +189,11 @@ def trace_cmd(pids, comm, lport, dport, ipv4, ipv6, cgroup, types, show_time, sh
                                      param_hint="--cgroup")
         if not os.path.isdir(cgroup):
             raise click.BadParameter(f"{cgroup} is not a directory", param_hint="--cgroup")
+        if not _on_cgroup2(cgroup):
+            raise click.BadParameter(f"{cgroup} is not on a cgroup v2 file system; give a "
+                                     "directory under the cgroup2 mount "
+                                     f"({_cgroup2_mounts() or 'none mounted'})",
+                                     param_hint="--cgroup")
     for p in pid_list:
         if not pid_alive(p):
             fail(f"process {p} does not exist (or has exited); check the PID with 'ps -p {p}'")
@@ -234,6 +239,20 @@ def _stdout_to_devnull() -> None:
         os.dup2(devnull, sys.stdout.fileno())
     except OSError:
         pass
+
+
+def _cgroup2_mounts() -> list[str]:
+    try:
+        return [ln.split()[1] for ln in open("/proc/mounts") if ln.split()[2:3] == ["cgroup2"]]
+    except OSError:
+        return []
+
+
+def _on_cgroup2(path: str) -> bool:
+    """bpf_get_current_cgroup_id() is the cgroup v2 id: a v1 directory's
+    inode number would silently match nothing."""
+    real = os.path.realpath(path)
+    return any(real == m or real.startswith(m.rstrip("/") + "/") for m in _cgroup2_mounts())
 
 
 def _filter_words(f) -> str:
