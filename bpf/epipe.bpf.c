@@ -132,8 +132,8 @@ struct inflight {
     s32 sk_err_at_hook;  /* sk->sk_err when the hook ran (before sock_error() consumed it) */
     u32 flags;
     u8 path;
-    u8 sk_shutdown;
-    u8 sk_state;
+    u8 shutdown_at_hook;  /* no sk_* names here: kernel headers #define sk_state */
+    u8 state_at_hook;
     u8 pad;
     s32 kstack;
 };
@@ -406,8 +406,8 @@ static __always_inline void on_send_error(void *ctx, struct sock *sk, int flags,
     f.sk_err_at_hook = KR(sk, sk_err);
     f.flags = flags;
     f.path = path;
-    f.sk_shutdown = KR(sk, sk_shutdown);
-    f.sk_state = KR(sk, __sk_common.skc_state);
+    f.shutdown_at_hook = KR(sk, sk_shutdown);
+    f.state_at_hook = KR(sk, __sk_common.skc_state);
     f.kstack = -1;
 #if WANT_STACKS
     f.kstack = stacks.get_stackid(ctx, 0);

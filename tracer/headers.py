@@ -19,7 +19,6 @@ corrupted cache be detected and rebuilt.
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
@@ -30,9 +29,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .capabilities import KernelCapabilities
+from .capabilities import KernelCapabilities, read_kernel_config
 
-GENERATOR_VERSION = "2"
+GENERATOR_VERSION = "3"
 DEFAULT_CACHE = Path(os.environ.get("EPIPE_TRACE_CACHE", "/var/cache/epipe-trace"))
 
 # Kernel headers the BPF C includes; in a generated tree each is a stub.
@@ -373,18 +372,12 @@ def verify_tree(root: Path) -> bool:
 
 
 def _config_full(caps: KernelCapabilities) -> dict[str, str]:
-    try:
-        text = gzip.open("/proc/config.gz", "rt").read()
-    except OSError:
-        try:
-            text = Path(f"/boot/config-{caps.release}").read_text()
-        except OSError:
-            text = ""
-    cfg = {}
-    for line in text.splitlines():
-        if line.startswith("CONFIG_") and "=" in line:
-            k, v = line.split("=", 1)
-            cfg[k] = v
+    """The kernel's CONFIG_* (see capabilities.read_kernel_config). When no
+    config can be found at all, a kernel that has BTF and lets us load BPF
+    certainly has the BPF syscall, which bcc's helpers.h insists on."""
+    cfg = read_kernel_config(caps.release)
+    if not cfg:
+        cfg = {"CONFIG_BPF_SYSCALL": "y", "CONFIG_BPF": "y", "CONFIG_DEBUG_INFO_BTF": "y"}
     return cfg
 
 
