@@ -249,7 +249,7 @@ BPF_STACK_TRACE(stacks, 4096);
 
 /* Ring buffer memory is not zeroed, and a memset of this size would become a
  * libcall the BPF target lacks: copy from a template that stays all zeros. */
-static __always_inline void event_zero(struct event *e)
+static __always_inline void ep_event_zero(struct event *e)
 {
     int z = 0;
     struct event *tpl = zero_event.lookup(&z);
@@ -257,7 +257,7 @@ static __always_inline void event_zero(struct event *e)
         bpf_probe_read_kernel(e, sizeof(*e), tpl);
 }
 
-static __always_inline void stat_inc(int i)
+static __always_inline void ep_stat_inc(int i)
 {
     u64 *v = stats.lookup(&i);
     if (v)
@@ -265,7 +265,7 @@ static __always_inline void stat_inc(int i)
 }
 
 /* Process-context filters: -p, -c, --cgroup. Never used in softirq hooks. */
-static __always_inline int task_wanted(u32 pid)
+static __always_inline int ep_task_wanted(u32 pid)
 {
 #if FILTER_PID
     if (!target_pids.lookup(&pid))
@@ -290,7 +290,7 @@ static __always_inline int task_wanted(u32 pid)
     return 1;
 }
 
-static __always_inline struct sk_hist *hist_get(struct sock *sk)
+static __always_inline struct sk_hist *ep_hist_get(struct sock *sk)
 {
     u64 key = (u64)sk;
     struct sk_hist *h = hist.lookup(&key);
@@ -302,14 +302,14 @@ static __always_inline struct sk_hist *hist_get(struct sock *sk)
         return 0;
     h = hist.lookup_or_try_init(&key, zero);
     if (!h) {
-        stat_inc(5);
+        ep_stat_inc(5);
         return 0;
     }
     h->first_ts = bpf_ktime_get_ns();
     return h;
 }
 
-static __always_inline void read_tuple(struct sock *sk, struct sk_hist *h)
+static __always_inline void ep_read_tuple(struct sock *sk, struct sk_hist *h)
 {
     u16 family = KR(sk, __sk_common.skc_family);
     u16 lport = KR(sk, __sk_common.skc_num);
@@ -330,16 +330,18 @@ static __always_inline void read_tuple(struct sock *sk, struct sk_hist *h)
     }
 }
 
-/* ---- hook bodies, shared by every mechanism ---------------------------- */
+/* ---- hook bodies, shared by every mechanism ------------------------------ */
+/* (every helper is ep_-prefixed: kernel headers define fd_file() and others
+ * as macros in some versions) */
 
-static __always_inline void on_state(struct sock *sk, int oldstate, int newstate)
+static __always_inline void ep_on_state(struct sock *sk, int oldstate, int newstate)
 {
     u16 family = KR(sk, __sk_common.skc_family);
 #if FILTER_FAMILY
     if (family != FILTER_FAMILY)
         return;
 #endif
-    struct sk_hist *h = hist_get(sk);
+    struct sk_hist *h = ep_hist_get(sk);
     if (!h)
         return;
     u64 now = bpf_ktime_get_ns();
@@ -366,21 +368,21 @@ static __always_inline void on_state(struct sock *sk, int oldstate, int newstate
         h->est_ts = now;
     if (newstate == EP_TCP_CLOSE_WAIT && !h->close_wait_ts)
         h->close_wait_ts = now;
-    read_tuple(sk, h);
+    ep_read_tuple(sk, h);
 }
 
-static __always_inline void on_rst(struct sock *sk)
+static __always_inline void ep_on_rst(struct sock *sk)
 {
-    struct sk_hist *h = hist_get(sk);
+    struct sk_hist *h = ep_hist_get(sk);
     if (!h)
         return;
     h->rst_ts = bpf_ktime_get_ns();
     h->rst_state = KR(sk, __sk_common.skc_state);
     h->rst_sk_err = KR(sk, sk_err);
-    read_tuple(sk, h);
+    ep_read_tuple(sk, h);
 }
 
-static __always_inline void on_error_report(struct sock *sk)
+static __always_inline void ep_on_error_report(struct sock *sk)
 {
     u16 proto = KR(sk, sk_protocol);
     if (proto != EP_IPPROTO_TCP)
@@ -393,10 +395,10 @@ static __always_inline void on_error_report(struct sock *sk)
     h->err_ts = bpf_ktime_get_ns();
 }
 
-static __always_inline void on_send_error(void *ctx, struct sock *sk, int flags, int err, u8 path)
+static __always_inline void ep_on_send_error(void *ctx, struct sock *sk, int flags, int err, u8 path)
 {
     u64 id = bpf_get_current_pid_tgid();
-    if (!task_wanted(id >> 32))
+    if (!ep_task_wanted(id >> 32))
         return;
     u32 tid = (u32)id;
     struct inflight f = {};
@@ -422,7 +424,7 @@ int kprobe__tcp_set_state(struct pt_regs *ctx, struct sock *sk, int state)
 {
     int old = KR(sk, __sk_common.skc_state);
     if (old != state)
-        on_state(sk, old, state);
+        ep_on_state(sk, old, state);
     return 0;
 }
 #elif HOOK_STATE == 2
@@ -430,7 +432,7 @@ KFUNC_PROBE(tcp_set_state, struct sock *sk, int state)
 {
     int old = KR(sk, __sk_common.skc_state);
     if (old != state)
-        on_state(sk, old, state);
+        ep_on_state(sk, old, state);
     return 0;
 }
 #elif HOOK_STATE == 3
@@ -438,7 +440,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
     if (args->protocol != EP_IPPROTO_TCP)
         return 0;
-    on_state((struct sock *)args->skaddr, args->oldstate, args->newstate);
+    ep_on_state((struct sock *)args->skaddr, args->oldstate, args->newstate);
     return 0;
 }
 #endif
@@ -446,19 +448,19 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 #if HOOK_RST == 1
 int kprobe__tcp_reset(struct pt_regs *ctx, struct sock *sk)
 {
-    on_rst(sk);
+    ep_on_rst(sk);
     return 0;
 }
 #elif HOOK_RST == 2
 KFUNC_PROBE(tcp_reset, struct sock *sk)
 {
-    on_rst(sk);
+    ep_on_rst(sk);
     return 0;
 }
 #elif HOOK_RST == 3
 TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 {
-    on_rst((struct sock *)args->skaddr);
+    ep_on_rst((struct sock *)args->skaddr);
     return 0;
 }
 #endif
@@ -466,13 +468,13 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 #if HOOK_SERR == 1
 int kprobe__sk_stream_error(struct pt_regs *ctx, struct sock *sk, int flags, int err)
 {
-    on_send_error(ctx, sk, flags, err, PATH_STREAM_ERR);
+    ep_on_send_error(ctx, sk, flags, err, PATH_STREAM_ERR);
     return 0;
 }
 #elif HOOK_SERR == 2
 KFUNC_PROBE(sk_stream_error, struct sock *sk, int flags, int err)
 {
-    on_send_error(ctx, sk, flags, err, PATH_STREAM_ERR);
+    ep_on_send_error(ctx, sk, flags, err, PATH_STREAM_ERR);
     return 0;
 }
 #elif HOOK_SERR == 4
@@ -482,7 +484,7 @@ RAW_TRACEPOINT_PROBE(sock_send_length)
     int ret = (int)ctx->args[1];
     if (ret >= 0)
         return 0;
-    on_send_error(ctx, (struct sock *)ctx->args[0], (int)ctx->args[2], ret, PATH_SEND_LENGTH);
+    ep_on_send_error(ctx, (struct sock *)ctx->args[0], (int)ctx->args[2], ret, PATH_SEND_LENGTH);
     return 0;
 }
 #endif
@@ -491,14 +493,14 @@ RAW_TRACEPOINT_PROBE(sock_send_length)
 RAW_TRACEPOINT_PROBE(inet_sk_error_report)
 {
     /* TP_PROTO(const struct sock *sk) */
-    on_error_report((struct sock *)ctx->args[0]);
+    ep_on_error_report((struct sock *)ctx->args[0]);
     return 0;
 }
 #endif
 
 /* ---- files: fd -> struct file -> socket / pipe ----------------------------- */
 
-static __always_inline struct file *fd_file(int fd)
+static __always_inline struct file *ep_fd_file(int fd)
 {
     struct task_struct *t = (struct task_struct *)bpf_get_current_task();
     struct files_struct *files = 0;
@@ -522,7 +524,7 @@ static __always_inline struct file *fd_file(int fd)
     return f;
 }
 
-static __always_inline u16 file_mode(struct file *f)
+static __always_inline u16 ep_file_mode(struct file *f)
 {
     struct inode *ino = 0;
     u16 mode = 0;
@@ -532,7 +534,7 @@ static __always_inline u16 file_mode(struct file *f)
     return mode;
 }
 
-static __always_inline struct sock *file_sock(struct file *f)
+static __always_inline struct sock *ep_file_sock(struct file *f)
 {
     struct socket *so = 0;
     struct sock *sk = 0;
@@ -545,37 +547,37 @@ static __always_inline struct sock *file_sock(struct file *f)
 /* ---- syscalls ---------------------------------------------------------------- */
 
 #if HOOK_ACCEPT == 3
-static __always_inline void on_accepted(long ret)
+static __always_inline void ep_on_accepted(long ret)
 {
     if (ret < 0)
         return;
-    struct file *f = fd_file((int)ret);
-    if (!f || (file_mode(f) & EP_S_IFMT) != EP_S_IFSOCK)
+    struct file *f = ep_fd_file((int)ret);
+    if (!f || (ep_file_mode(f) & EP_S_IFMT) != EP_S_IFSOCK)
         return;
-    struct sock *sk = file_sock(f);
+    struct sock *sk = ep_file_sock(f);
     if (!sk)
         return;
-    struct sk_hist *h = hist_get(sk);
+    struct sk_hist *h = ep_hist_get(sk);
     if (!h)
         return;
     h->accept_ts = bpf_ktime_get_ns();
     h->accept_pid = bpf_get_current_pid_tgid() >> 32;
-    read_tuple(sk, h);
+    ep_read_tuple(sk, h);
 }
-TRACEPOINT_PROBE(syscalls, sys_exit_accept4) { on_accepted(args->ret); return 0; }
-TRACEPOINT_PROBE(syscalls, sys_exit_accept) { on_accepted(args->ret); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_accept4) { ep_on_accepted(args->ret); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_accept) { ep_on_accepted(args->ret); return 0; }
 #endif
 
 #if HOOK_SHUT == 3
 TRACEPOINT_PROBE(syscalls, sys_enter_shutdown)
 {
-    struct file *f = fd_file((int)args->fd);
-    if (!f || (file_mode(f) & EP_S_IFMT) != EP_S_IFSOCK)
+    struct file *f = ep_fd_file((int)args->fd);
+    if (!f || (ep_file_mode(f) & EP_S_IFMT) != EP_S_IFSOCK)
         return 0;
-    struct sock *sk = file_sock(f);
+    struct sock *sk = ep_file_sock(f);
     if (!sk)
         return 0;
-    struct sk_hist *h = hist_get(sk);
+    struct sk_hist *h = ep_hist_get(sk);
     if (!h)
         return 0;
     int how = args->how;
@@ -594,14 +596,14 @@ TRACEPOINT_PROBE(syscalls, sys_enter_shutdown)
  * close() of a pipe's read end names the last reader. */
 TRACEPOINT_PROBE(syscalls, sys_enter_close)
 {
-    struct file *f = fd_file((int)args->fd);
+    struct file *f = ep_fd_file((int)args->fd);
     if (!f)
         return 0;
-    u16 fmt = file_mode(f) & EP_S_IFMT;
+    u16 fmt = ep_file_mode(f) & EP_S_IFMT;
     u64 now = bpf_ktime_get_ns();
     u32 pid = bpf_get_current_pid_tgid() >> 32;
     if (fmt == EP_S_IFSOCK) {
-        struct sock *sk = file_sock(f);
+        struct sock *sk = ep_file_sock(f);
         if (!sk)
             return 0;
         u16 family = KR(sk, __sk_common.skc_family);
@@ -614,7 +616,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close)
         bpf_probe_read_kernel(&peer, sizeof(peer), &u->peer);
         if (!peer)
             return 0;
-        struct sk_hist *h = hist_get(peer);
+        struct sk_hist *h = ep_hist_get(peer);
         if (!h)
             return 0;
         h->peer_close_ts = now;
@@ -650,7 +652,7 @@ TRACEPOINT_PROBE(signal, signal_generate)
     u32 tid = (u32)id;
     if ((u32)args->pid != tid)
         return 0;      /* SIGPIPE sent to someone else (kill -PIPE): not a send's */
-    if (!task_wanted(id >> 32))
+    if (!ep_task_wanted(id >> 32))
         return 0;
     struct task_struct *t = (struct task_struct *)bpf_get_current_task();
     struct sigrec s = {};
@@ -674,14 +676,14 @@ TRACEPOINT_PROBE(signal, signal_deliver)
     if (args->sig != EP_SIGPIPE)
         return 0;
     u64 id = bpf_get_current_pid_tgid();
-    if (!task_wanted(id >> 32))
+    if (!ep_task_wanted(id >> 32))
         return 0;
     struct event *e = events.ringbuf_reserve(sizeof(struct event));
     if (!e) {
-        stat_inc(1);
+        ep_stat_inc(1);
         return 0;
     }
-    event_zero(e);
+    ep_event_zero(e);
     e->type = EV_DELIVER;
     e->ts = bpf_ktime_get_ns();
     e->pid = id >> 32;
@@ -689,7 +691,7 @@ TRACEPOINT_PROBE(signal, signal_deliver)
     e->sig_handler = (u64)args->sa_handler;
     bpf_get_current_comm(&e->comm, sizeof(e->comm));
     events.ringbuf_submit(e, 0);
-    stat_inc(0);
+    ep_stat_inc(0);
     return 0;
 }
 #endif
@@ -724,7 +726,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
             bpf_probe_read_kernel(&f, sizeof(f), &fda[i]);
             if (!f)
                 continue;
-            if ((file_mode(f) & EP_S_IFMT) != EP_S_IFIFO)
+            if ((ep_file_mode(f) & EP_S_IFMT) != EP_S_IFIFO)
                 continue;
             unsigned int fmode = 0;
             bpf_probe_read_kernel(&fmode, sizeof(fmode), &f->f_mode);
@@ -748,15 +750,15 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
         return 0;
     if (pid != (u32)id)
         return 0;              /* report the process once, at its leader */
-    if (!task_wanted(pid))
+    if (!ep_task_wanted(pid))
         return 0;
-    stat_inc(4);
+    ep_stat_inc(4);
     struct event *e = events.ringbuf_reserve(sizeof(struct event));
     if (!e) {
-        stat_inc(1);
+        ep_stat_inc(1);
         return 0;
     }
-    event_zero(e);
+    ep_event_zero(e);
     e->type = EV_EXIT;
     e->ts = bpf_ktime_get_ns();
     e->pid = pid;
@@ -764,13 +766,13 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     e->ret = code;
     bpf_get_current_comm(&e->comm, sizeof(e->comm));
     events.ringbuf_submit(e, 0);
-    stat_inc(0);
+    ep_stat_inc(0);
     return 0;
 }
 #endif
 
 #if HOOK_SYSEXIT == 4
-static __always_inline int is_send_family(long nr)
+static __always_inline int ep_is_send_family(long nr)
 {
     return nr == NR_write || nr == NR_writev || nr == NR_sendto || nr == NR_sendmsg ||
            nr == NR_sendmmsg || nr == NR_sendfile || nr == NR_splice || nr == NR_pwritev ||
@@ -797,13 +799,13 @@ RAW_TRACEPOINT_PROBE(sys_exit)
         return 0;
     struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
     long nr = SYSCALL_NR(regs);
-    if (!is_send_family(nr))
+    if (!ep_is_send_family(nr))
         return 0;
     u64 id = bpf_get_current_pid_tgid();
     u32 pid = id >> 32, tid = (u32)id;
-    if (!task_wanted(pid))
+    if (!ep_task_wanted(pid))
         return 0;
-    stat_inc(3);
+    ep_stat_inc(3);
 
     int fd = (int)SYSCALL_ARG1(regs);
     u32 flags = 0;
@@ -817,13 +819,13 @@ RAW_TRACEPOINT_PROBE(sys_exit)
         fd = (int)SYSCALL_ARG2(regs);
 
     u64 now = bpf_ktime_get_ns();
-    struct file *f = fd_file(fd);
-    u16 fmt = f ? (file_mode(f) & EP_S_IFMT) : 0;
+    struct file *f = ep_fd_file(fd);
+    u16 fmt = f ? (ep_file_mode(f) & EP_S_IFMT) : 0;
     struct sock *sk = 0;
     u8 kind = KIND_OTHER, state_now = 0, shutdown = 0, peer_gone = 0;
     u16 family = 0, sktype = 0;
     if (fmt == EP_S_IFSOCK) {
-        sk = file_sock(f);
+        sk = ep_file_sock(f);
         kind = KIND_SOCK;
         if (sk) {
             u16 proto = KR(sk, sk_protocol);
@@ -949,14 +951,14 @@ RAW_TRACEPOINT_PROBE(sys_exit)
     if (cnt)
         __sync_fetch_and_add(cnt, 1);
     else if (counts.update(&ck, &one) != 0)
-        stat_inc(2);
+        ep_stat_inc(2);
 
     struct event *e = events.ringbuf_reserve(sizeof(struct event));
     if (!e) {
-        stat_inc(1);
+        ep_stat_inc(1);
         return 0;
     }
-    event_zero(e);
+    ep_event_zero(e);
     e->type = EV_FAIL;
     e->kind = kind;
     e->ts = now;
@@ -1063,7 +1065,7 @@ RAW_TRACEPOINT_PROBE(sys_exit)
         }
     }
     events.ringbuf_submit(e, 0);
-    stat_inc(0);
+    ep_stat_inc(0);
     return 0;
 }
 #endif
