@@ -76,18 +76,45 @@ class Session:
         self.renderer = TableRenderer(self.out, self.clock, opts.time_mode, opts.timeline)
         self.events_seen = 0
         self._stop_requested: str | None = None
+        self._poll_events = 0
+        self._poll_started = 0.0
 
     def request_stop(self, reason: str) -> None:
         """Ask the loop to end at its next turn (safe from another thread)."""
         self._stop_requested = reason
 
     # -- the callback: never let an exception vanish into ctypes --
+    # One poll hands back control after this much work, so that during an
+    # EPIPE storm (the producer outpacing us) Ctrl-C, --duration and the live
+    # "lost" count are still served. A negative return makes libbpf stop
+    # consuming; the record it was called for is already consumed.
+    POLL_BUDGET_EVENTS = 4096
+    POLL_BUDGET_SECONDS = 0.25
+
     def _on_event(self, ctx, data, size):
         try:
             self._handle(decode(data, size, self.syscalls))
         except BaseException as e:   # noqa: BLE001 (re-raised from the loop)
             self.callback_error = e
+            return -1
+        self._poll_events += 1
+        if self._poll_events >= self.POLL_BUDGET_EVENTS or self._stop_requested or (
+                self._poll_events % 256 == 0 and
+                time.monotonic() - self._poll_started > self.POLL_BUDGET_SECONDS):
+            return -1
         return 0
+
+    def _poll(self, timeout_ms: int) -> None:
+        self._poll_events = 0
+        self._poll_started = time.monotonic()
+        self.loaded.bpf.ring_buffer_poll(timeout_ms)
+
+    def _drain(self, seconds: float = 2.0) -> None:
+        """Read what is already in the ring buffer (bounded: a storm may go on)."""
+        deadline = time.monotonic() + seconds
+        self._poll(0)
+        while self._poll_events >= self.POLL_BUDGET_EVENTS and time.monotonic() < deadline:
+            self._poll(0)
 
     def _stack(self, ev: FailEvent) -> tuple[list[str], dict | None]:
         if not self.opts.program.stacks or self.loaded is None:
@@ -171,18 +198,18 @@ class Session:
             deadline = time.monotonic() + opts.duration if opts.duration else None
             targets = list(opts.filters.pids)
             while True:
-                self.loaded.bpf.ring_buffer_poll(200)
+                self._poll(200)
                 if self.callback_error is not None:
                     raise self.callback_error
                 self._check_lost()
                 if self._stop_requested:
-                    self.loaded.bpf.ring_buffer_poll(0)
+                    self._drain()
                     raise Stop(self._stop_requested)
                 if deadline and time.monotonic() >= deadline:
                     raise Stop("duration")
                 if targets and not any(pid_alive(p) for p in targets):
                     # drain what the last moments produced, then stop
-                    self.loaded.bpf.ring_buffer_poll(0)
+                    self._drain()
                     if self.callback_error is not None:
                         raise self.callback_error
                     raise Stop("targets exited")
@@ -203,7 +230,8 @@ class Session:
         try:
             if self.loaded is not None:
                 try:
-                    self.loaded.bpf.ring_buffer_poll(0)
+                    self._drain()
+                    self._check_lost()      # the last losses, as a live line too
                 except Exception:
                     pass
                 raw = self.loaded.counts()
