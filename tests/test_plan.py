@@ -41,7 +41,7 @@ def mech(plan, hook):
     (True, True, KPROBE), (True, False, KPROBE), (False, True, FENTRY), (False, False, None)])
 def test_design_hooks_prefer_kprobe_then_fentry_then_tracepoint(kprobes, fentry, want):
     p = make_plan(caps(kprobes=kprobes, fentry=fentry))
-    assert mech(p, "state_change") == (want or TRACEPOINT)
+    assert mech(p, "state_change") == (want or RAW_TRACEPOINT)
     assert mech(p, "rst_received") == (want or TRACEPOINT)
     assert mech(p, "stream_error") == (want or RAW_TRACEPOINT)
     assert p.verdict()[0] == "ready"
@@ -82,7 +82,7 @@ def test_signature_mismatch_rejects_kprobe():
 def test_function_absent_rejects_kprobe():
     funcs = dict(FUNCS, tcp_set_state=None)
     p = make_plan(caps(kprobes=True, funcs=funcs))
-    assert mech(p, "state_change") == TRACEPOINT
+    assert mech(p, "state_change") == RAW_TRACEPOINT
 
 
 def test_tracepoint_missing_field_is_rejected():
@@ -98,11 +98,17 @@ def test_no_raw_tracepoints_cannot_run():
 
 def test_prefer_tracepoint_on_kprobe_kernel():
     p = make_plan(caps(kprobes=True), prefer="tracepoint")
-    assert mech(p, "state_change") == TRACEPOINT
+    assert mech(p, "state_change") == RAW_TRACEPOINT
     assert mech(p, "stream_error") == RAW_TRACEPOINT
 
 
 def test_macros_follow_mechanisms():
     m = make_plan(caps(kprobes=True)).macros()
     assert m["HOOK_STATE"] == 1 and m["HOOK_RST"] == 1 and m["HOOK_SERR"] == 1
-    assert m["HOOK_SYSEXIT"] == 4 and m["HOOK_SIGGEN"] == 3
+    assert m["HOOK_SYSEXIT"] == 4 and m["HOOK_SIGGEN"] == 4 and m["HOOK_SIGDLV"] == 3
+
+
+def test_no_raw_tracepoints_falls_back_to_classic_ones_where_it_can():
+    p = make_plan(caps(raw=False))
+    assert mech(p, "state_change") == TRACEPOINT
+    assert mech(p, "sigpipe_generated") == TRACEPOINT

@@ -45,6 +45,8 @@ def _fn(name: str, *types: str) -> tuple[Candidate, Candidate]:
 HOOKS: tuple[HookSpec, ...] = (
     HookSpec("state_change", "HOOK_STATE", "TCP state change",
              (*_fn("tcp_set_state", "struct sock *", "int"),
+              Candidate(RAW_TRACEPOINT, "sock:inet_sock_set_state",
+                        ("skaddr", "oldstate", "newstate", "protocol")),
               Candidate(TRACEPOINT, "sock:inet_sock_set_state",
                         ("skaddr", "oldstate", "newstate", "protocol"))),
              "no TCP state history: causes that depend on CLOSE_WAIT or accept timing "
@@ -76,7 +78,8 @@ HOOKS: tuple[HookSpec, ...] = (
              (Candidate(TRACEPOINT, "syscalls:sys_enter_close", ("fd",)),),
              "the UNIX peer or pipe reader that went away is not named"),
     HookSpec("sigpipe_generated", "HOOK_SIGGEN", "SIGPIPE generated",
-             (Candidate(TRACEPOINT, "signal:signal_generate", ("sig", "pid", "result")),),
+             (Candidate(RAW_TRACEPOINT, "signal:signal_generate", ("sig", "pid", "group", "result")),
+              Candidate(TRACEPOINT, "signal:signal_generate", ("sig", "pid", "result"))),
              "the SIGPIPE's fate (ignored, blocked, caught, fatal) is unknown"),
     HookSpec("sigpipe_delivered", "HOOK_SIGDLV", "SIGPIPE delivered",
              (Candidate(TRACEPOINT, "signal:signal_deliver", ("sig", "sa_handler")),),
