@@ -258,6 +258,26 @@ static __always_inline void ep_event_zero(struct event *e)
         bpf_probe_read_kernel(e, sizeof(*e), tpl);
 }
 
+static __always_inline void ep_stat_inc(int i);
+
+/* A zeroed ring-buffer record for the current task, or 0 (counted as lost). */
+static __always_inline struct event *ep_event_new(u8 type)
+{
+    struct event *e = events.ringbuf_reserve(sizeof(struct event));
+    if (!e) {
+        ep_stat_inc(1);
+        return 0;
+    }
+    ep_event_zero(e);
+    u64 id = bpf_get_current_pid_tgid();
+    e->type = type;
+    e->ts = bpf_ktime_get_ns();
+    e->pid = id >> 32;
+    e->tid = (u32)id;
+    bpf_get_current_comm(&e->comm, sizeof(e->comm));
+    return e;
+}
+
 static __always_inline void ep_stat_inc(int i)
 {
     u64 *v = stats.lookup(&i);
@@ -725,18 +745,10 @@ TRACEPOINT_PROBE(signal, signal_deliver)
     u64 id = bpf_get_current_pid_tgid();
     if (!ep_task_wanted(id >> 32))
         return 0;
-    struct event *e = events.ringbuf_reserve(sizeof(struct event));
-    if (!e) {
-        ep_stat_inc(1);
+    struct event *e = ep_event_new(EV_DELIVER);
+    if (!e)
         return 0;
-    }
-    ep_event_zero(e);
-    e->type = EV_DELIVER;
-    e->ts = bpf_ktime_get_ns();
-    e->pid = id >> 32;
-    e->tid = (u32)id;
     e->sig_handler = (u64)args->sa_handler;
-    bpf_get_current_comm(&e->comm, sizeof(e->comm));
     events.ringbuf_submit(e, 0);
     ep_stat_inc(0);
     return 0;
@@ -800,18 +812,10 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     if (!ep_task_wanted(pid))
         return 0;
     ep_stat_inc(4);
-    struct event *e = events.ringbuf_reserve(sizeof(struct event));
-    if (!e) {
-        ep_stat_inc(1);
+    struct event *e = ep_event_new(EV_EXIT);
+    if (!e)
         return 0;
-    }
-    ep_event_zero(e);
-    e->type = EV_EXIT;
-    e->ts = bpf_ktime_get_ns();
-    e->pid = pid;
-    e->tid = (u32)id;
     e->ret = code;
-    bpf_get_current_comm(&e->comm, sizeof(e->comm));
     events.ringbuf_submit(e, 0);
     ep_stat_inc(0);
     return 0;
@@ -1000,17 +1004,11 @@ RAW_TRACEPOINT_PROBE(sys_exit)
     else if (counts.update(&ck, &one) != 0)
         ep_stat_inc(2);
 
-    struct event *e = events.ringbuf_reserve(sizeof(struct event));
-    if (!e) {
-        ep_stat_inc(1);
+    struct event *e = ep_event_new(EV_FAIL);
+    if (!e)
         return 0;
-    }
-    ep_event_zero(e);
-    e->type = EV_FAIL;
     e->kind = kind;
     e->ts = now;
-    e->pid = pid;
-    e->tid = tid;
     e->ret = (s32)ret;
     e->fd = fd;
     e->syscall_nr = (u32)nr;
@@ -1023,7 +1021,6 @@ RAW_TRACEPOINT_PROBE(sys_exit)
     e->cgroup = bpf_get_current_cgroup_id();
     e->kstack = -1;
     e->ustack = -1;
-    bpf_get_current_comm(&e->comm, sizeof(e->comm));
     if (have_fl) {
         e->path = fl.path;
         e->err_at_hook = fl.err_at_hook;

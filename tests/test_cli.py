@@ -299,3 +299,36 @@ def test_ctrl_c_and_live_loss_reports_work_during_a_storm():
     assert stopped_after < 2.0, f"Ctrl-C took {stopped_after:.1f}s during a storm"
     lost = [o for o in objs if o["event"] == "lost"]
     assert lost and objs[-1]["event"] == "summary" and objs[-1]["lost_events"] > 0
+
+
+@pytest.mark.bpf
+def test_exception_in_event_callback_detaches_and_surfaces():
+    """An error while handling an event ends the session with that error,
+    and nothing stays attached."""
+    import io
+    import threading
+
+    from tracer import scenarios
+    from tracer.program import Filters
+    from tracer.session import Session, SessionOptions, prepare
+
+    class Broken(io.StringIO):
+        def write(self, text):
+            raise RuntimeError("renderer broke")
+
+    sc = scenarios.CATALOG["own_shutdown"]
+    proc = scenarios.start(sc, gate=True)
+    opts = SessionOptions(filters=Filters(pids=[proc.pid]), json=True)
+    _caps, tree, plan = prepare(opts)
+    sess = Session(opts, out=Broken())
+    held: set[int] = set()
+
+    def ready(s):
+        held.update(_prog_ids_of(os.getpid()))
+        threading.Thread(target=lambda: scenarios.release(proc), daemon=True).start()
+
+    with pytest.raises(RuntimeError, match="renderer broke"):
+        sess.run(plan, tree, ready_cb=ready)
+    scenarios.finish(sc, proc)
+    assert held and sess.loaded.bpf is None            # detached by run() itself
+    assert not _still_loaded(held)

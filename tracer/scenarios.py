@@ -35,13 +35,16 @@ def setup_sig(mode):
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGPIPE})
     else:
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-def send(sock, data, flags=0):
+def record(op):
+    """Run one write/send; record its byte count or errno name, and report it
+    at once (a process killed by SIGPIPE never reaches done())."""
     try:
-        n = sock.send(data, flags)
-        RESULTS["sends"].append(n)
+        RESULTS["sends"].append(op())
     except OSError as e:
         RESULTS["sends"].append(errno.errorcode.get(e.errno, str(e.errno)))
     sys.stdout.write(json.dumps({"progress": RESULTS["sends"][-1]}) + "\n"); sys.stdout.flush()
+def send(sock, data, flags=0):
+    record(lambda: sock.send(data, flags))
 def done():
     RESULTS["pid"] = os.getpid()
     sys.stdout.write(json.dumps(RESULTS) + "\n"); sys.stdout.flush()
@@ -122,12 +125,7 @@ os.close(r)
 RESULTS["reader_pid"] = reader.pid
 sys.stdout.write(json.dumps({"reader_pid": reader.pid}) + "\n"); sys.stdout.flush()
 for i in range(4):
-    try:
-        n = os.write(w, b"line %d\n" % i)
-        RESULTS["sends"].append(n)
-    except OSError as e:
-        RESULTS["sends"].append(errno.errorcode.get(e.errno, str(e.errno)))
-    sys.stdout.write(json.dumps({"progress": RESULTS["sends"][-1]}) + "\n"); sys.stdout.flush()
+    record(lambda: os.write(w, b"line %d\n" % i))
     if i == 0:
         reader.wait()
         time.sleep(0.02)
@@ -145,12 +143,7 @@ reader = subprocess.Popen([sys.executable, "-c",
 RESULTS["reader_pid"] = reader.pid
 w = os.open(path, os.O_WRONLY)
 for i in range(3):
-    try:
-        n = os.write(w, b"line %d\n" % i)
-        RESULTS["sends"].append(n)
-    except OSError as e:
-        RESULTS["sends"].append(errno.errorcode.get(e.errno, str(e.errno)))
-    sys.stdout.write(json.dumps({"progress": RESULTS["sends"][-1]}) + "\n"); sys.stdout.flush()
+    record(lambda: os.write(w, b"line %d\n" % i))
     if i == 0:
         reader.wait()
         time.sleep(0.02)
