@@ -332,3 +332,19 @@ def test_exception_in_event_callback_detaches_and_surfaces():
     scenarios.finish(sc, proc)
     assert held and sess.loaded.bpf is None            # detached by run() itself
     assert not _still_loaded(held)
+
+
+@pytest.mark.bpf
+def test_no_tracefs_and_no_way_to_mount_it(tmp_path):
+    """/sys/kernel hidden under an empty tmpfs (BTF put back): there is no
+    directory to mount tracefs on, so the tool must say so and stop."""
+    if not shutil.which("unshare"):
+        pytest.skip("unshare missing")
+    keep = tmp_path / "btf"
+    keep.mkdir()
+    cmd = (f"mount --bind /sys/kernel/btf {keep} && mount -t tmpfs none /sys/kernel && "
+           f"mkdir /sys/kernel/btf && mount --bind {keep} /sys/kernel/btf && "
+           f"{sys.executable} -m tracer -d 1")
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", cmd],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert_one_line_error(r, 2, "tracefs is not mounted", "mount -t tracefs")

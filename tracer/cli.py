@@ -272,9 +272,16 @@ def _prepare(opts):
     from .headers import HeaderError
     from .session import prepare
     try:
-        return prepare(opts)
+        caps, tree, plan = prepare(opts)
     except HeaderError as e:
         fail(str(e))
+    if caps.tracefs is None:
+        # without tracefs no tracepoint can be found or attached: every hook
+        # but the raw sys_exit would be 'missing', which would hide the cause
+        fail("tracefs is not mounted and could not be mounted at /sys/kernel/tracing: "
+             "mount it (mount -t tracefs tracefs /sys/kernel/tracing) or run with "
+             "CAP_SYS_ADMIN")
+    return caps, tree, plan
 
 
 @main.command("doctor")
