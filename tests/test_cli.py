@@ -348,3 +348,13 @@ def test_no_tracefs_and_no_way_to_mount_it(tmp_path):
     r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", cmd],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert_one_line_error(r, 2, "tracefs is not mounted", "mount -t tracefs")
+
+
+@pytest.mark.bpf
+def test_target_exiting_during_start_up_is_an_error():
+    short = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.8)"])
+    r = run("-p", str(short.pid))
+    short.wait()
+    # depending on when it died: refused up front, or noticed once loaded
+    assert_one_line_error(r, 2, str(short.pid))
+    assert "exited" in r.stderr

@@ -223,8 +223,11 @@ def trace_cmd(pids, comm, lport, dport, ipv4, ipv6, cgroup, types, show_time, sh
         click.echo(f"epipe-trace: tracing broken pipes{_filter_words(filters)}; "
                    "Ctrl-C to stop", err=True)
 
+    from .session import TargetsGone
     try:
         code = sess.run(plan, tree, ready_cb=ready)
+    except TargetsGone as e:
+        fail(f"process {e} exited while the probes were being loaded; nothing was traced")
     except BrokenPipeError:
         # our reader went away (| head): a normal end. The session has already
         # detached; click would turn this into exit 1, so end here.

@@ -27,6 +27,14 @@ _PROBE_FRAMES = ("bpf_prog_", "bpf_trace_run", "__traceiter_", "__bpf_trace_", "
                  "kprobe_", "bpf_trampoline_")
 
 
+class TargetsGone(Exception):
+    """Every -p target exited while the probes were being loaded."""
+
+    def __init__(self, pids):
+        super().__init__(", ".join(map(str, pids)))
+        self.pids = pids
+
+
 class Stop(Exception):
     """Raised inside the loop to end the session normally."""
 
@@ -190,6 +198,8 @@ class Session:
         old = {s: signal.signal(s, _term) for s in (signal.SIGTERM, signal.SIGHUP)}
         try:
             self.loaded = load(tree, plan, opts.filters, opts.program)
+            if opts.filters.pids and not any(pid_alive(p) for p in opts.filters.pids):
+                raise TargetsGone(opts.filters.pids)
             self.loaded.bpf["events"].open_ring_buffer(self._on_event)
             if ready_cb:
                 ready_cb(self)
