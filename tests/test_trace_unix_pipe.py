@@ -52,6 +52,12 @@ def test_unix_own_shutdown(tracer):
     assert [f["cause"] for f in fails] == ["own_shutdown"]
 
 
+def test_unix_seqpacket_own_shutdown(tracer):
+    outcome, fails, _ = run_traced(tracer, "unix_seqpacket_own_shutdown")
+    assert outcome.sends == ["EPIPE"]
+    assert [(f["kind"], f["cause"]) for f in fails] == [("unix", "own_shutdown")]
+
+
 def test_type_filter(tracer):
     """--type tcp hides the pipe's EPIPE in the kernel: not shown, not counted."""
     sc = scenarios.CATALOG["pipe_ignored"]

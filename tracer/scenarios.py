@@ -16,7 +16,7 @@ import tempfile
 import textwrap
 from dataclasses import dataclass, field
 
-SCENARIO_VERSION = 1
+SCENARIO_VERSION = 2
 
 _PRELUDE = r'''
 import errno, json, os, signal, socket, sys, time
@@ -107,6 +107,13 @@ send(a, b"first", FLAGS)
 b.close()
 time.sleep(0.05)
 send(a, b"after peer close", FLAGS)
+done()
+''',
+    "unix_seqpacket_own_shutdown": r'''
+a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+a.shutdown(socket.SHUT_WR)
+time.sleep(0.02)
+send(a, b"after shutdown", FLAGS)
 done()
 ''',
     "unix_own_shutdown": r'''
@@ -208,6 +215,8 @@ CATALOG: dict[str, Scenario] = {s.name: s for s in (
              expect_fate="ignored", expect_kind="unix"),
     Scenario("unix_own_shutdown", "unix_own_shutdown", expect_cause="own_shutdown",
              expect_fate="ignored", expect_kind="unix"),
+    Scenario("unix_seqpacket_own_shutdown", "unix_seqpacket_own_shutdown",
+             expect_cause="own_shutdown", expect_fate="ignored", expect_kind="unix"),
     Scenario("pipe_reader_exits", "pipe_reader_exits", sig="default", expect_cause="no_readers",
              expect_fate="fatal", expect_kind="pipe"),
     Scenario("pipe_ignored", "pipe_reader_exits", expect_cause="no_readers",
