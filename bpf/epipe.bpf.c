@@ -20,6 +20,8 @@
  *   HOOK_SIGGEN 3 tracepoint / 4 raw tracepoint signal:signal_generate
  *   HOOK_SIGDLV / HOOK_EXIT / HOOK_ACCEPT / HOOK_SHUT / HOOK_CLOSE  3 tracepoint
  *   HOOK_SYSEXIT 4 raw tracepoint sys_exit
+ *   HOOK_PIPE / HOOK_UNIX  1 kprobe on the pipe / UNIX write path; 4: nothing
+ *               extra, those failures are still caught at sys_exit
  * A macro left at 0 compiles the hook out.
  * The same text compiles against real kernel headers and against the tree
  * generated from BTF (tracer/headers.py), which stubs these includes.
@@ -84,6 +86,8 @@
 #define PATH_NONE        0
 #define PATH_STREAM_ERR  1   /* sk_stream_error() observed (kprobe/fentry) */
 #define PATH_SEND_LENGTH 2   /* sock_sendmsg() returned the error (sock:sock_send_length) */
+#define PATH_PIPE_WRITE  3   /* pipe_write() entered with no readers left (kprobe) */
+#define PATH_UNIX_SEND   4   /* unix_stream_sendmsg() entered on a shut-down pair (kprobe) */
 
 #define NSTATES 8
 
@@ -531,6 +535,77 @@ RAW_TRACEPOINT_PROBE(sock_send_length)
     if (ret >= 0)
         return 0;
     ep_on_send_error(ctx, (struct sock *)ctx->args[0], (int)ctx->args[2], ret, PATH_SEND_LENGTH);
+    return 0;
+}
+#endif
+
+#if HOOK_PIPE == 1
+/* Entry of the pipe write path (pipe_write, or anon_pipe_write and
+ * fifo_pipe_write on newer kernels; the loader attaches this function to
+ * whichever the plan found). With no readers left the write fails with EPIPE
+ * right away: record that this kernel path is the one that fails it. */
+int ep_pipe_write(struct pt_regs *ctx, struct kiocb *iocb)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    if (!ep_task_wanted(id >> 32))
+        return 0;
+    struct file *f = 0;
+    struct pipe_inode_info *pipe = 0;
+    unsigned int readers = 1;
+    bpf_probe_read_kernel(&f, sizeof(f), &iocb->ki_filp);
+    if (f)
+        bpf_probe_read_kernel(&pipe, sizeof(pipe), &f->private_data);
+    if (pipe)
+        bpf_probe_read_kernel(&readers, sizeof(readers), &pipe->readers);
+    if (readers)
+        return 0;
+    u32 tid = (u32)id;
+    struct inflight fl = {};
+    fl.ts = bpf_ktime_get_ns();
+    fl.err_at_hook = -EP_EPIPE;
+    fl.path = PATH_PIPE_WRITE;
+    fl.kstack = -1;
+#if WANT_STACKS
+    fl.kstack = stacks.get_stackid(ctx, 0);
+#endif
+    inflight.update(&tid, &fl);
+    return 0;
+}
+#endif
+
+#if HOOK_UNIX == 1
+/* unix_stream_sendmsg(): EPIPE when we shut down our sending side or the
+ * peer shut down its receiving side (it closed). */
+int kprobe__unix_stream_sendmsg(struct pt_regs *ctx, struct socket *sock)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    if (!ep_task_wanted(id >> 32))
+        return 0;
+    struct sock *sk = 0;
+    bpf_probe_read_kernel(&sk, sizeof(sk), &sock->sk);
+    if (!sk)
+        return 0;
+    u8 shut = KR(sk, sk_shutdown);
+    u8 peer_shut = 0;
+    struct sock *peer = 0;
+    bpf_probe_read_kernel(&peer, sizeof(peer), &((struct unix_sock *)sk)->peer);
+    if (peer)
+        peer_shut = KR(peer, sk_shutdown);
+    if (!(shut & 2) && !(peer_shut & 1))       /* SEND_SHUTDOWN, RCV_SHUTDOWN */
+        return 0;
+    u32 tid = (u32)id;
+    struct inflight fl = {};
+    fl.ts = bpf_ktime_get_ns();
+    fl.sk = (u64)sk;
+    fl.err_at_hook = -EP_EPIPE;
+    fl.sk_err_at_hook = KR(sk, sk_err);
+    fl.path = PATH_UNIX_SEND;
+    fl.shutdown_at_hook = shut;
+    fl.kstack = -1;
+#if WANT_STACKS
+    fl.kstack = stacks.get_stackid(ctx, 0);
+#endif
+    inflight.update(&tid, &fl);
     return 0;
 }
 #endif

@@ -74,7 +74,8 @@ def test_kprobe_plan_and_verdicts_on_every_kernel(tmp_path):
             problems.append("%s: no doctor.json (%s)" % (release, e))
             continue
         plan = {c["hook"]: c["mechanism"] for c in doctor["plan"]}
-        for hook in ("state_change", "rst_received", "stream_error"):
+        for hook in ("state_change", "rst_received", "stream_error", "pipe_write_error",
+                     "unix_send_error"):
             if plan.get(hook) != "kprobe":
                 problems.append("%s: %s planned as %s, not kprobe" % (release, hook, plan.get(hook)))
         if doctor["verdict"] == "cannot run" or not doctor["load"].get("ok"):
@@ -88,6 +89,13 @@ def test_kprobe_plan_and_verdicts_on_every_kernel(tmp_path):
             bad = [n for n, f in fp["scenarios"].items() if not f["as_expected"]]
             if bad:
                 problems.append("%s %s: unexpected verdicts in %s" % (release, name, bad))
+            if name == "repro.json":
+                # the kprobes on the write paths name the kernel path that failed
+                paths = {n: fp["scenarios"][n]["kernel_path"] for n in
+                         ("own_shutdown", "pipe_ignored", "unix_peer_closed")}
+                if paths != {"own_shutdown": "sk_stream_error", "pipe_ignored": "pipe_write",
+                             "unix_peer_closed": "unix_stream_sendmsg"}:
+                    problems.append("%s: kernel paths %s" % (release, paths))
         pytest_out = (kdir / "pytest.txt").read_text() if (kdir / "pytest.txt").exists() else ""
         if rec.get("status", {}).get("pytest") != "0":
             problems.append("%s: guest pytest failed:\n%s" % (release, pytest_out[-1500:]))

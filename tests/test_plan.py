@@ -112,3 +112,23 @@ def test_no_raw_tracepoints_falls_back_to_classic_ones_where_it_can():
     p = make_plan(caps(raw=False))
     assert mech(p, "state_change") == TRACEPOINT
     assert mech(p, "sigpipe_generated") == TRACEPOINT
+
+
+def test_pipe_write_path_follows_the_kernels_function_names():
+    new = dict(FUNCS, anon_pipe_write=["struct kiocb *", "struct iov_iter *"],
+               fifo_pipe_write=["struct kiocb *", "struct iov_iter *"], pipe_write=None)
+    old = dict(FUNCS, pipe_write=["struct kiocb *", "struct iov_iter *"])
+    assert make_plan(caps(kprobes=True, funcs=new)).by_name("pipe_write_error").target == \
+        "anon_pipe_write,fifo_pipe_write"
+    assert make_plan(caps(kprobes=True, funcs=old)).by_name("pipe_write_error").target == "pipe_write"
+    half = dict(FUNCS, anon_pipe_write=["struct kiocb *"])     # fifo_pipe_write missing
+    c = make_plan(caps(kprobes=True, funcs=half)).by_name("pipe_write_error")
+    assert c.mechanism == RAW_TRACEPOINT and c.target == "raw_syscalls:sys_exit"
+    assert any("fifo_pipe_write is not a probeable" in r for r in c.rejected)
+
+
+def test_pipe_and_unix_paths_fall_back_to_syscall_exit_without_kprobes():
+    p = make_plan(caps())
+    for hook in ("pipe_write_error", "unix_send_error"):
+        assert p.by_name(hook).target == "raw_syscalls:sys_exit"
+    assert p.verdict()[0] == "ready"

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 EV_FAIL, EV_DELIVER, EV_EXIT = 1, 2, 3
 KIND_NAMES = {0: "other", 1: "tcp", 2: "unix", 3: "pipe", 4: "fifo", 5: "socket"}
-PATH_NAMES = {0: None, 1: "sk_stream_error", 2: "sock_sendmsg"}
+PATH_NAMES = {0: None, 1: "sk_stream_error", 2: "sock_sendmsg", 3: "pipe_write",
+              4: "unix_stream_sendmsg"}
 NOSIG = 0xFF
 NSTATES = 8
 

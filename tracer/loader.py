@@ -137,6 +137,16 @@ def load(tree: HeaderTree, plan: ProbePlan, filters: Filters,
         detail = cap.errors()
         raise LoadError(f"bcc could not compile/load the program ({err})"
                         + (f":\n{detail}" if detail else ""))
+    # hooks whose kernel function differs between versions are attached here,
+    # to each function the plan found (the rest attach by their names)
+    for c in plan.choices:
+        if c.hook.name == "pipe_write_error" and c.mechanism == "kprobe":
+            for fn in c.target.split(","):
+                try:
+                    b.attach_kprobe(event=fn, fn_name="ep_pipe_write")
+                except Exception as e:  # noqa: BLE001
+                    b.cleanup()
+                    raise LoadError(f"could not attach a kprobe to {fn}: {e}") from e
     loaded = Loaded(b, time.monotonic() - t0, text)
     if not os.environ.get("EPIPE_TRACE_KEEP_COMPILER"):
         release_compiler_memory()

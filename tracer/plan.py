@@ -74,6 +74,15 @@ HOOKS: tuple[HookSpec, ...] = (
     HookSpec("shutdown", "HOOK_SHUT", "our own shutdown()",
              (Candidate(TRACEPOINT, "syscalls:sys_enter_shutdown", ("fd", "how")),),
              "our own shutdown() is not seen: that cause cannot be named"),
+    HookSpec("pipe_write_error", "HOOK_PIPE", "pipe/FIFO write path (no readers)",
+             (Candidate(KPROBE, "anon_pipe_write,fifo_pipe_write", ("struct kiocb *",)),
+              Candidate(KPROBE, "pipe_write", ("struct kiocb *",)),
+              Candidate(RAW_TRACEPOINT, "raw_syscalls:sys_exit")),
+             "pipe failures are not seen at all"),
+    HookSpec("unix_send_error", "HOOK_UNIX", "UNIX stream send path (shut down)",
+             (Candidate(KPROBE, "unix_stream_sendmsg", ("struct socket *",)),
+              Candidate(RAW_TRACEPOINT, "raw_syscalls:sys_exit")),
+             "UNIX socket failures are not seen at all"),
     HookSpec("close", "HOOK_CLOSE", "close() of a UNIX socket or pipe read end",
              (Candidate(TRACEPOINT, "syscalls:sys_enter_close", ("fd",)),),
              "the UNIX peer or pipe reader that went away is not named"),
@@ -146,13 +155,14 @@ def _try(c: Candidate, caps: KernelCapabilities) -> str | None:
             return f"kprobes unavailable ({caps.kprobes_reason})"
         if c.mechanism == FENTRY and not caps.fentry:
             return f"fentry unavailable ({caps.fentry_reason})"
-        params = caps.functions.get(c.target)
-        if params is None:
-            return f"{c.target} is not a probeable kernel function here"
-        if params and not _signature_matches(params, c.expects):
-            return f"{c.target}({', '.join(params)}) does not start with ({', '.join(c.expects)})"
-        if not params and c.mechanism == FENTRY:
-            return f"{c.target} has no BTF signature"
+        for fn in c.target.split(","):       # a list: every function must be there
+            params = caps.functions.get(fn)
+            if params is None:
+                return f"{fn} is not a probeable kernel function here"
+            if params and not _signature_matches(params, c.expects):
+                return f"{fn}({', '.join(params)}) does not start with ({', '.join(c.expects)})"
+            if not params and c.mechanism == FENTRY:
+                return f"{fn} has no BTF signature"
         return None
     if c.mechanism == RAW_TRACEPOINT:
         if not caps.raw_tracepoints:
@@ -194,7 +204,10 @@ def make_plan(caps: KernelCapabilities, prefer: str | None = None,
                           TRACEPOINT: "tracepoint present with the fields we read",
                           RAW_TRACEPOINT: "raw tracepoint present"}[c.mechanism]
                 if c.target == "raw_syscalls:sys_exit":
-                    reason = "raw sys_exit sees every syscall's registers"
+                    reason = ("raw sys_exit sees every syscall's registers"
+                              if hook.name == "send_failure" else
+                              "caught at syscall exit (the send_failure hook); the "
+                              "kernel path is not named")
                 plan.choices.append(Choice(hook, c.mechanism, c.target, reason, tuple(rejected)))
                 break
             rejected.append(f"{c.mechanism} {c.target}: {why}")
