@@ -432,21 +432,23 @@ static __always_inline void ep_on_error_report(struct sock *sk)
     h->err_ts = bpf_ktime_get_ns();
 }
 
+/* The error point of a send (sk_stream_error, sock_sendmsg's result, the pipe
+ * or UNIX write path) saw this failure: keep what it saw for sys_exit. sk is
+ * 0 for pipes. The caller has applied the task filters. */
 static __always_inline void ep_on_send_error(void *ctx, struct sock *sk, int flags, int err, u8 path)
 {
-    u64 id = bpf_get_current_pid_tgid();
-    if (!ep_task_wanted(id >> 32))
-        return;
-    u32 tid = (u32)id;
+    u32 tid = (u32)bpf_get_current_pid_tgid();
     struct inflight f = {};
     f.ts = bpf_ktime_get_ns();
     f.sk = (u64)sk;
     f.err_at_hook = err;
-    f.sk_err_at_hook = KR(sk, sk_err);
     f.flags = flags;
     f.path = path;
-    f.shutdown_at_hook = KR(sk, sk_shutdown);
-    f.state_at_hook = KR(sk, __sk_common.skc_state);
+    if (sk) {
+        f.sk_err_at_hook = KR(sk, sk_err);
+        f.shutdown_at_hook = KR(sk, sk_shutdown);
+        f.state_at_hook = KR(sk, __sk_common.skc_state);
+    }
     f.kstack = -1;
 #if WANT_STACKS
     f.kstack = stacks.get_stackid(ctx, 0);
@@ -518,13 +520,15 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 #if HOOK_SERR == 1
 int kprobe__sk_stream_error(struct pt_regs *ctx, struct sock *sk, int flags, int err)
 {
-    ep_on_send_error(ctx, sk, flags, err, PATH_STREAM_ERR);
+    if (ep_task_wanted(bpf_get_current_pid_tgid() >> 32))
+        ep_on_send_error(ctx, sk, flags, err, PATH_STREAM_ERR);
     return 0;
 }
 #elif HOOK_SERR == 2
 KFUNC_PROBE(sk_stream_error, struct sock *sk, int flags, int err)
 {
-    ep_on_send_error(ctx, sk, flags, err, PATH_STREAM_ERR);
+    if (ep_task_wanted(bpf_get_current_pid_tgid() >> 32))
+        ep_on_send_error(ctx, sk, flags, err, PATH_STREAM_ERR);
     return 0;
 }
 #elif HOOK_SERR == 4
@@ -532,7 +536,7 @@ RAW_TRACEPOINT_PROBE(sock_send_length)
 {
     /* TP_PROTO(struct sock *sk, int ret, int flags) */
     int ret = (int)ctx->args[1];
-    if (ret >= 0)
+    if (ret >= 0 || !ep_task_wanted(bpf_get_current_pid_tgid() >> 32))
         return 0;
     ep_on_send_error(ctx, (struct sock *)ctx->args[0], (int)ctx->args[2], ret, PATH_SEND_LENGTH);
     return 0;
@@ -557,18 +561,8 @@ int ep_pipe_write(struct pt_regs *ctx, struct kiocb *iocb)
         bpf_probe_read_kernel(&pipe, sizeof(pipe), &f->private_data);
     if (pipe)
         bpf_probe_read_kernel(&readers, sizeof(readers), &pipe->readers);
-    if (readers)
-        return 0;
-    u32 tid = (u32)id;
-    struct inflight fl = {};
-    fl.ts = bpf_ktime_get_ns();
-    fl.err_at_hook = -EP_EPIPE;
-    fl.path = PATH_PIPE_WRITE;
-    fl.kstack = -1;
-#if WANT_STACKS
-    fl.kstack = stacks.get_stackid(ctx, 0);
-#endif
-    inflight.update(&tid, &fl);
+    if (!readers)
+        ep_on_send_error(ctx, 0, 0, -EP_EPIPE, PATH_PIPE_WRITE);
     return 0;
 }
 #endif
@@ -591,21 +585,8 @@ int kprobe__unix_stream_sendmsg(struct pt_regs *ctx, struct socket *sock)
     bpf_probe_read_kernel(&peer, sizeof(peer), &((struct unix_sock *)sk)->peer);
     if (peer)
         peer_shut = KR(peer, sk_shutdown);
-    if (!(shut & 2) && !(peer_shut & 1))       /* SEND_SHUTDOWN, RCV_SHUTDOWN */
-        return 0;
-    u32 tid = (u32)id;
-    struct inflight fl = {};
-    fl.ts = bpf_ktime_get_ns();
-    fl.sk = (u64)sk;
-    fl.err_at_hook = -EP_EPIPE;
-    fl.sk_err_at_hook = KR(sk, sk_err);
-    fl.path = PATH_UNIX_SEND;
-    fl.shutdown_at_hook = shut;
-    fl.kstack = -1;
-#if WANT_STACKS
-    fl.kstack = stacks.get_stackid(ctx, 0);
-#endif
-    inflight.update(&tid, &fl);
+    if ((shut & 2) || (peer_shut & 1))         /* SEND_SHUTDOWN, RCV_SHUTDOWN */
+        ep_on_send_error(ctx, sk, 0, -EP_EPIPE, PATH_UNIX_SEND);
     return 0;
 }
 #endif
