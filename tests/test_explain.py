@@ -37,7 +37,7 @@ def test_classify(facts, cause):
 @pytest.mark.parametrize("kw,fate", [
     (dict(err=ECONNRESET), "not_raised"),
     (dict(nosignal=True), "suppressed"),
-    (dict(sig_result=NOSIG), "not_seen"),
+    (dict(sig_result=NOSIG), "not_raised"),       # the hook is there: none was raised
     (dict(sig_result=1, sig_disp=1), "ignored"),
     (dict(sig_result=0, sig_blocked=True, sig_disp=0), "blocked"),
     (dict(sig_result=0, sig_disp=2), "caught"),
@@ -48,6 +48,11 @@ def test_sigpipe_fate(kw, fate):
     base = dict(kind="tcp", err=EPIPE)
     base.update(kw)
     assert sigpipe_fate(Facts(**base)) == fate
+
+
+def test_sigpipe_fate_without_the_signal_hook_says_unknown():
+    assert sigpipe_fate(Facts("tcp", EPIPE), sig_observed=False) == "not_seen"
+    assert sigpipe_fate(Facts("tcp", EPIPE, nosignal=True), sig_observed=False) == "suppressed"
 
 
 def _slow_accept_event() -> FailEvent:

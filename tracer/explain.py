@@ -44,7 +44,7 @@ FATES = {
     "fatal": "fatal (default action)",
     "killed": "fatal: process killed",
     "pending": "already pending",
-    "not_raised": "none (no SIGPIPE for this error)",
+    "not_raised": "none raised by the kernel",
     "not_seen": "not observed",
 }
 
@@ -85,14 +85,20 @@ def classify(f: Facts) -> str:
     return "unknown"
 
 
-def sigpipe_fate(f: Facts) -> str:
-    """What became of the SIGPIPE this send raised (or why there was none)."""
+def sigpipe_fate(f: Facts, sig_observed: bool = True) -> str:
+    """What became of the SIGPIPE this send raised (or why there was none).
+
+    ``sig_observed``: the signal_generate hook is attached, so a SIGPIPE
+    that did not show up was not raised (Linux 5.10 raises none for an EPIPE
+    on a UNIX seqpacket socket, newer kernels do); without the hook we cannot
+    tell and say so.
+    """
     if f.err != -EPIPE:
         return "not_raised"
     if f.nosignal:
         return "suppressed"
     if f.sig_result == NOSIG:
-        return "not_seen"
+        return "not_raised" if sig_observed else "not_seen"
     if f.sig_result == 1:
         return "ignored"
     if f.sig_result == 2:
@@ -119,10 +125,10 @@ class Verdict:
     details: dict | None = None
 
 
-def explain(ev: FailEvent) -> Verdict:
+def explain(ev: FailEvent, sig_observed: bool = True) -> Verdict:
     f = ev.facts
     cause = classify(f)
-    fate = sigpipe_fate(f)
+    fate = sigpipe_fate(f, sig_observed)
     h = ev.history
     parts: list[str] = []
     queue_wait = None

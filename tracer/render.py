@@ -271,13 +271,14 @@ class Summary:
                 "by_remote": {k: v for k, v in self.by_remote.most_common()}}
 
 
-def summarize(counts: list[tuple[Facts, Endpoint, int]], stats: list[int]) -> Summary:
+def summarize(counts: list[tuple[Facts, Endpoint, int]], stats: list[int],
+              sig_observed: bool = True) -> Summary:
     by_cause: Counter = Counter()
     by_fate: Counter = Counter()
     by_remote: Counter = Counter()
     for facts, ep, n in counts:
         by_cause[classify(facts)] += n
-        by_fate[sigpipe_fate(facts)] += n
+        by_fate[sigpipe_fate(facts, sig_observed)] += n
         remote = ep.remote() if facts.kind == "tcp" else facts.kind
         by_remote[remote] += n
     return Summary(by_cause, by_fate, by_remote, sum(by_cause.values()),

@@ -74,8 +74,9 @@ def run_repro(prefer: str | None = None) -> dict:
         sc = scenarios.CATALOG[name]
         facts = _facts_for(outcome, events)
         facts["expected"] = {"cause": sc.expect_cause, "sigpipe": sc.expect_fate}
+        fates = sc.expect_fate if isinstance(sc.expect_fate, tuple) else (sc.expect_fate,)
         facts["as_expected"] = (sc.expect_cause in facts["causes"]
-                                and sc.expect_fate in facts["sigpipe"])
+                                and any(f in facts["sigpipe"] for f in fates))
         per[name] = facts
     return {
         "fingerprint_version": scenarios.SCENARIO_VERSION,

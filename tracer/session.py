@@ -17,7 +17,7 @@ from . import capabilities, headers
 from .events import DeliverEvent, ExitEvent, FailEvent, decode, decode_count_key
 from .explain import explain
 from .loader import Loaded, load
-from .plan import ProbePlan, make_plan
+from .plan import UNAVAILABLE, ProbePlan, make_plan
 from .program import Filters, ProgramOptions, syscall_names
 from .render import (Clock, TableRenderer, delivered_json, dumps, fail_json, killed_json,
                      summarize, summary_text)
@@ -83,6 +83,7 @@ class Session:
         self.syscalls = syscall_names()
         self.renderer = TableRenderer(self.out, self.clock, opts.time_mode, opts.timeline)
         self.events_seen = 0
+        self.sig_observed = True
         self._stop_requested: str | None = None
         self._poll_events = 0
         self._poll_started = 0.0
@@ -159,7 +160,7 @@ class Session:
         if isinstance(ev, FailEvent):
             if ev.facts.kind == "fifo":
                 self._resolve_fifo(ev)
-            v = explain(ev)
+            v = explain(ev, self.sig_observed)
             lines, stack = self._stack(ev)
             if self.opts.json:
                 self._write(dumps(fail_json(ev, v, self.clock, stack)))
@@ -195,6 +196,7 @@ class Session:
         def _term(signum, frame):
             raise Stop(signal.Signals(signum).name)
 
+        self.sig_observed = plan.by_name("sigpipe_generated").mechanism != UNAVAILABLE
         old = {s: signal.signal(s, _term) for s in (signal.SIGTERM, signal.SIGHUP)}
         try:
             self.loaded = load(tree, plan, opts.filters, opts.program)
@@ -247,7 +249,7 @@ class Session:
                 raw = self.loaded.counts()
                 stats = self.loaded.stats()
                 counts = [(*decode_count_key(k), n) for k, n in raw]
-                summ = summarize(counts, stats)
+                summ = summarize(counts, stats, self.sig_observed)
                 if not self.opts.quiet_summary:
                     if self.opts.json:
                         d = summ.to_dict()
