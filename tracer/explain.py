@@ -89,9 +89,8 @@ def sigpipe_fate(f: Facts, sig_observed: bool = True) -> str:
     """What became of the SIGPIPE this send raised (or why there was none).
 
     ``sig_observed``: the signal_generate hook is attached, so a SIGPIPE
-    that did not show up was not raised (Linux 5.10 raises none for an EPIPE
-    on a UNIX seqpacket socket, newer kernels do); without the hook we cannot
-    tell and say so.
+    that did not show up was not raised (a UNIX seqpacket send fails with
+    EPIPE and raises none); without the hook we cannot tell and say so.
     """
     if f.err != -EPIPE:
         return "not_raised"
