@@ -1037,7 +1037,9 @@ RAW_TRACEPOINT_PROBE(sys_exit)
     ck.family = family;
     ck.peer_gone = peer_gone;
     ck.err = (s32)ret;
-    ck.rport = rport;
+    /* a peer that connected to us comes from an ephemeral port: counting by
+     * it would spread one client over thousands of keys and fill the map */
+    ck.rport = (h && h->accept_ts) ? 0 : rport;
     if (h) {
         ck.has_hist = 1;
         ck.rst_state = h->rst_state;

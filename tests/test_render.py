@@ -34,6 +34,9 @@ def test_summary_from_counter_facts_is_exact():
     assert s.by_cause == {"peer_reset_after_close": 7, "own_shutdown": 3, "no_readers": 2}
     assert s.by_fate == {"ignored": 7, "suppressed": 3, "fatal": 2}
     assert s.by_remote["10.0.0.1:443"] == 10 and s.by_remote["pipe"] == 2
+    accepted = summarize([(Facts("tcp", -32, has_hist=True), Endpoint(2, "", 0, "10.0.0.9", 0), 4)],
+                         [4, 0, 0, 4, 0, 0, 0, 0])
+    assert accepted.by_remote == {"10.0.0.9 (clients)": 4}
 
 
 def test_count_key_roundtrip():

@@ -279,7 +279,12 @@ def summarize(counts: list[tuple[Facts, Endpoint, int]], stats: list[int],
     for facts, ep, n in counts:
         by_cause[classify(facts)] += n
         by_fate[sigpipe_fate(facts, sig_observed)] += n
-        remote = ep.remote() if facts.kind == "tcp" else facts.kind
+        if facts.kind != "tcp":
+            remote = facts.kind
+        elif ep.rport:
+            remote = ep.remote()
+        else:
+            remote = f"{ep.raddr} (clients)"       # accepted: any source port
         by_remote[remote] += n
     return Summary(by_cause, by_fate, by_remote, sum(by_cause.values()),
                    lost=stats[1], killed=stats[4], counter_overflow=stats[2])
