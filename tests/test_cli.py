@@ -193,10 +193,8 @@ def test_output_survives_head(tmp_path):
 @pytest.mark.bpf
 def test_hostile_process_name_is_escaped(tmp_path):
     sc = scenarios.CATALOG["own_shutdown"]
-    code = "import ctypes; ctypes.CDLL(None).prctl(15, b'ev\\x1b[2Jil\\xff', 0, 0, 0)\n" + sc.program()
-    env = dict(os.environ, EPIPE_SCENARIO_GATE="1")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    hostile = b"ev\x1b[2Jil\xff"
+    proc = scenarios.start(sc, gate=True, comm=hostile)
     t = Tracer(["-p", str(proc.pid)], json_mode=False)
     scenarios.release(proc)
     scenarios.finish(sc, proc)
@@ -204,8 +202,7 @@ def test_hostile_process_name_is_escaped(tmp_path):
     assert rc == 0, err
     assert "\x1b" not in out and "ev\\x1b[2Jil\\xff" in out
 
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = scenarios.start(sc, gate=True, comm=hostile)
     t = Tracer(["-p", str(proc.pid)])
     scenarios.release(proc)
     scenarios.finish(sc, proc)

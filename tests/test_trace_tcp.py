@@ -190,14 +190,8 @@ def test_cgroup_filter_traces_one_container(tracer, tmp_path):
 
 
 def test_comm_filter(tracer):
-    import os
-    import subprocess
-    import sys
     sc = scenarios.CATALOG["own_shutdown"]
-    code = "import ctypes; ctypes.CDLL(None).prctl(15, b'epipe-victim', 0, 0, 0)\n" + sc.program()
-    env = dict(os.environ, EPIPE_SCENARIO_GATE="1")
-    named = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    named = scenarios.start(sc, gate=True, comm=b"epipe-victim")
     other = scenarios.start(sc, gate=True)
     t = tracer("-c", "epipe-victim")
     scenarios.release(named)

@@ -109,15 +109,8 @@ time.sleep(0.05)
 send(a, b"after peer close", FLAGS)
 done()
 ''',
-    "unix_seqpacket_own_shutdown": r'''
-a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-a.shutdown(socket.SHUT_WR)
-time.sleep(0.02)
-send(a, b"after shutdown", FLAGS)
-done()
-''',
     "unix_own_shutdown": r'''
-a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+a, b = socket.socketpair(socket.AF_UNIX, UNIX_TYPE)
 a.shutdown(socket.SHUT_WR)
 time.sleep(0.02)
 send(a, b"after shutdown", FLAGS)
@@ -169,6 +162,7 @@ class Scenario:
     family: int = 4
     sig: str = "ignore"            # ignore | default | handler | block
     nosignal: bool = False
+    unix_type: str = "SOCK_STREAM"   # UNIX bodies: SOCK_STREAM or SOCK_SEQPACKET
     delay: float = 0.3             # slow_accept: time in the accept queue after the close
     expect_cause: str | None = None
     expect_fate: str | tuple[str, ...] | None = None   # one, or any of several
@@ -176,6 +170,7 @@ class Scenario:
 
     def program(self) -> str:
         head = (f"FAM = {self.family}\nDELAY = {self.delay}\n"
+                f"UNIX_TYPE = socket.{self.unix_type}\n"
                 f"FLAGS = {'socket.MSG_NOSIGNAL' if self.nosignal else 0}\n"
                 f"setup_sig({self.sig!r})\n")
         return _PRELUDE + head + textwrap.dedent(_BODIES[self.body])
@@ -217,7 +212,7 @@ CATALOG: dict[str, Scenario] = {s.name: s for s in (
              expect_fate="ignored", expect_kind="unix"),
     # the seqpacket send path returns EPIPE without raising SIGPIPE (seen on
     # 5.10, 6.1, 6.12 and 6.18): the fate must say so, not guess a signal
-    Scenario("unix_seqpacket_own_shutdown", "unix_seqpacket_own_shutdown",
+    Scenario("unix_seqpacket_own_shutdown", "unix_own_shutdown", unix_type="SOCK_SEQPACKET",
              expect_cause="own_shutdown", expect_fate="not_raised", expect_kind="unix"),
     Scenario("pipe_reader_exits", "pipe_reader_exits", sig="default", expect_cause="no_readers",
              expect_fate="fatal", expect_kind="pipe"),
@@ -228,13 +223,18 @@ CATALOG: dict[str, Scenario] = {s.name: s for s in (
 )}
 
 
-def start(sc: Scenario, gate: bool = False, python: str | None = None) -> subprocess.Popen:
+def start(sc: Scenario, gate: bool = False, python: str | None = None,
+          comm: bytes | None = None) -> subprocess.Popen:
     """Start the scenario's process. With ``gate`` it waits for ``release()``
-    so a tracer can be pointed at its PID before it does anything."""
+    so a tracer can be pointed at its PID before it does anything; ``comm``
+    renames it first (PR_SET_NAME), for name filters and hostile names."""
     env = dict(os.environ)
     if gate:
         env["EPIPE_SCENARIO_GATE"] = "1"
-    return subprocess.Popen([python or sys.executable, "-c", sc.program()],
+    code = sc.program()
+    if comm is not None:
+        code = f"import ctypes; ctypes.CDLL(None).prctl(15, {comm!r}, 0, 0, 0)\n" + code
+    return subprocess.Popen([python or sys.executable, "-c", code],
                             stdin=subprocess.PIPE if gate else subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
