@@ -274,26 +274,31 @@ def test_two_instances_trace_and_detach_independently():
 
 @pytest.mark.bpf
 def test_ctrl_c_and_live_loss_reports_work_during_a_storm():
-    """The consumer must not be captured by a producer that outpaces it."""
-    storm = STORM.replace("time.monotonic() + 0.5", "time.monotonic() + 4").replace(
+    """The consumer must not be captured by a producer that outpaces it: Ctrl-C
+    ends the tool while the storm is still going (the storm only stops when we
+    kill it, so a captured consumer shows up as a hang, not as a slow stop)."""
+    storm = STORM.replace("time.monotonic() + 0.5", "time.monotonic() + 120").replace(
         "n < 200000", "True")
     proc = subprocess.Popen([sys.executable, "-c", storm], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
-    t = Tracer(["-p", str(proc.pid), "--buffer-pages", "1"])
-    proc.stdin.write("go\n")
-    proc.stdin.flush()
-    time.sleep(1.5)
-    assert proc.poll() is None                      # the storm is still going
-    t0 = time.monotonic()
-    t.proc.send_signal(signal.SIGINT)
-    out, err = t.proc.communicate(timeout=30)
-    stopped_after = time.monotonic() - t0
-    storm_left = proc.poll() is None
-    proc.communicate(timeout=30)
+    try:
+        t = Tracer(["-p", str(proc.pid), "--buffer-pages", "1"])
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        time.sleep(1.5)
+        assert proc.poll() is None                      # the storm is going
+        t.proc.send_signal(signal.SIGINT)
+        try:
+            out, err = t.proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            t.proc.kill()
+            pytest.fail("Ctrl-C did not end the tool during a storm")
+        assert proc.poll() is None, "the storm ended first: the test proves nothing"
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
     objs = [json.loads(line) for line in out.decode().splitlines()]
     assert t.proc.returncode == 0, err
-    assert storm_left, "the storm ended before the tool did: the test proves nothing"
-    assert stopped_after < 2.0, f"Ctrl-C took {stopped_after:.1f}s during a storm"
     lost = [o for o in objs if o["event"] == "lost"]
     assert lost and objs[-1]["event"] == "summary" and objs[-1]["lost_events"] > 0
 
