@@ -87,6 +87,8 @@ class Session:
         self._stop_requested: str | None = None
         self._poll_events = 0
         self._poll_started = 0.0
+        self._poll_cut = False
+        self._draining = False
 
     def request_stop(self, reason: str) -> None:
         """Ask the loop to end at its next turn (safe from another thread)."""
@@ -107,23 +109,39 @@ class Session:
             self.callback_error = e
             return -1
         self._poll_events += 1
-        if self._poll_events >= self.POLL_BUDGET_EVENTS or self._stop_requested or (
+        if self._poll_events >= self.POLL_BUDGET_EVENTS or (
+                self._stop_requested and not self._draining) or (
                 self._poll_events % 256 == 0 and
                 time.monotonic() - self._poll_started > self.POLL_BUDGET_SECONDS):
+            self._poll_cut = True
             return -1
         return 0
 
-    def _poll(self, timeout_ms: int) -> None:
+    def _poll(self, timeout_ms: int | None) -> None:
+        """One poll; None: consume what is there without waiting."""
         self._poll_events = 0
+        self._poll_cut = False
         self._poll_started = time.monotonic()
-        self.loaded.bpf.ring_buffer_poll(timeout_ms)
+        if timeout_ms is None:
+            self.loaded.bpf.ring_buffer_consume()
+        else:
+            self.loaded.bpf.ring_buffer_poll(timeout_ms)
 
     def _drain(self, seconds: float = 2.0) -> None:
-        """Read what is already in the ring buffer (bounded: a storm may go on)."""
+        """Read what is already in the ring buffer (bounded: a storm may go on).
+
+        Consumes directly instead of polling: the kernel wakes the reader only
+        when it had caught up, so after a storm the last records can sit in
+        the buffer with no wake-up pending, and a zero-timeout poll would
+        leave them there (seen as one event neither shown nor counted lost)."""
         deadline = time.monotonic() + seconds
-        self._poll(0)
-        while self._poll_events >= self.POLL_BUDGET_EVENTS and time.monotonic() < deadline:
-            self._poll(0)
+        self._draining = True
+        try:
+            self._poll(None)
+            while self._poll_cut and time.monotonic() < deadline:
+                self._poll(None)
+        finally:
+            self._draining = False
 
     def _stack(self, ev: FailEvent) -> tuple[list[str], dict | None]:
         if not self.opts.program.stacks or self.loaded is None:
