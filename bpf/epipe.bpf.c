@@ -5,11 +5,13 @@
  * Two jobs. (1) Keep a short history per socket (state changes, RST received
  * and the state it hit, the error the kernel reported, our own shutdown, when
  * it was accepted), fed from softirq as well as process context, so ownership
- * is never taken from whatever task happens to be on the CPU. (2) At the exit
- * of every send-family syscall that fails with EPIPE/ECONNRESET, emit one event
- * carrying that history plus what the error-point hook and the SIGPIPE
- * generation saw, and count it in-kernel by the facts that decide its cause,
- * so the summary stays exact when the ring buffer drops events.
+ * is never taken from whatever task happens to be on the CPU. (2) For every
+ * send or write that fails with EPIPE/ECONNRESET, emit one event carrying that
+ * history plus what the error-point hook and the SIGPIPE generation saw, and
+ * count it in-kernel by the facts that decide its cause, so the summary stays
+ * exact when the ring buffer drops events. Where that is reported (ep_report)
+ * is the plan's choice: sock_sendmsg's return and SIGPIPE generation, which
+ * hook no syscall, or the raw sys_exit.
  *
  * Which hook uses which mechanism is decided in Python (tracer/plan.py) and
  * passed in as -D macros:
@@ -19,9 +21,11 @@
  *   HOOK_EREP   4 raw tracepoint inet_sk_error_report
  *   HOOK_SIGGEN 3 tracepoint / 4 raw tracepoint signal:signal_generate
  *   HOOK_SIGDLV / HOOK_EXIT / HOOK_ACCEPT / HOOK_SHUT / HOOK_CLOSE  3 tracepoint
- *   HOOK_SYSEXIT 4 raw tracepoint sys_exit
- *   HOOK_PIPE / HOOK_UNIX  1 kprobe on the pipe / UNIX write path; 4: nothing
- *               extra, those failures are still caught at sys_exit
+ *   HOOK_SYSEXIT 4 raw tracepoint sys_exit (a report point)
+ *   REPORT_SENDLEN / REPORT_PIPE_SIG  1: sockets / pipes are reported at
+ *               sock_send_length / signal_generate instead
+ *   HOOK_PIPE / HOOK_UNIX  1 kprobe on the pipe / UNIX write path; 0: nothing
+ *               extra, the report point still sees those failures
  * A macro left at 0 compiles the hook out.
  * The same text compiles against real kernel headers and against the tree
  * generated from BTF (tracer/headers.py), which stubs these includes.
@@ -69,6 +73,8 @@
 #define EP_TCP_SYN_SENT    2
 #define EP_TCP_SYN_RECV    3
 #define EP_TCP_LISTEN      10
+#define EP_TCP_FIN_WAIT1   4
+#define EP_TCP_LAST_ACK    9
 #define EP_SOCK_STREAM     1
 #define EP_SOCK_SEQPACKET  5
 
@@ -126,8 +132,15 @@ struct sk_hist {
     u8 laddr[16];
     u8 raddr[16];
     char peer_close_comm[16];
+    u8 hflags;           /* HF_* */
+    u8 hpad[7];
     struct state_rec states[NSTATES];
 };
+
+#define HF_PASSIVE        1   /* a listener's child (its first state was SYN_RECV) */
+#define HF_UNACCEPTED_FIN 2   /* the peer's FIN came while nobody had accepted it yet */
+#define SHUT_FIN_SENT     4   /* shut_how: TCP, inferred from the FIN we sent while open */
+#define SHUT_SEND_SIDE    5   /* shut_how: UNIX, our send side shut with the peer open */
 
 /* What the error-point hook saw, waiting for the syscall exit. */
 struct inflight {
@@ -197,7 +210,9 @@ struct event {
     u8 peer_gone;
     u8 peer_shutdown;
     u8 pipe_how;
-    u8 pad[3];
+    u8 shut_how;         /* the facts the counter key used, so events and */
+    u8 accepted_after_close;   /* counts can never disagree */
+    u8 pad;
     u32 pid;
     u32 tid;
     s32 ret;
@@ -233,7 +248,10 @@ BPF_TABLE("lru_hash", u64, struct sk_hist, hist, HIST_ENTRIES);
 BPF_TABLE("lru_hash", u32, struct inflight, inflight, 4096);
 BPF_TABLE("lru_hash", u32, struct sigrec, sigs, 4096);
 BPF_TABLE("lru_hash", u64, struct pipe_reader, pipe_readers, 8192);
-BPF_HASH(counts, struct count_key, u64, COUNT_ENTRIES);
+/* counts: exact, keyed by the facts alone (raddr/rport zero); counts_remote:
+ * the same by remote endpoint too, best effort (it can fill up: stats[6]) */
+BPF_HASH(counts, struct count_key, u64, 4096);
+BPF_HASH(counts_remote, struct count_key, u64, COUNT_ENTRIES);
 BPF_PERCPU_ARRAY(zero_hist, struct sk_hist, 1);
 BPF_ARRAY(zero_event, struct event, 1);
 /* stats: 0 events sent, 1 events lost (ring buffer full), 2 counter map full,
@@ -398,10 +416,27 @@ static __always_inline void ep_on_state(struct sock *sk, int oldstate, int newst
     r->oldstate = oldstate;
     r->newstate = newstate;
     h->nstates = n + 1;
+    if (newstate == EP_TCP_SYN_RECV || oldstate == EP_TCP_SYN_RECV)
+        h->hflags |= HF_PASSIVE;
     if (newstate == EP_TCP_ESTABLISHED && !h->est_ts)
         h->est_ts = now;
-    if (newstate == EP_TCP_CLOSE_WAIT && !h->close_wait_ts)
+    if (newstate == EP_TCP_CLOSE_WAIT && !h->close_wait_ts) {
         h->close_wait_ts = now;
+        /* a child socket gets its struct socket only when accept() grafts it:
+         * none yet means the peer closed while the connection sat in the queue */
+        if ((h->hflags & HF_PASSIVE) && !KR(sk, sk_socket))
+            h->hflags |= HF_UNACCEPTED_FIN;
+    }
+    /* ESTABLISHED -> FIN_WAIT1 and CLOSE_WAIT -> LAST_ACK happen only in
+     * tcp_shutdown() or tcp_close(), in the caller's context; after close()
+     * nothing can send on the socket again, so a later failing send means
+     * shutdown(). The shutdown hook (--syscalls) knows better: keep its how. */
+    if (((oldstate == EP_TCP_ESTABLISHED && newstate == EP_TCP_FIN_WAIT1) ||
+         (oldstate == EP_TCP_CLOSE_WAIT && newstate == EP_TCP_LAST_ACK)) && !h->shut_how) {
+        h->shut_how = SHUT_FIN_SENT;
+        h->shut_ts = now;
+        h->shut_pid = bpf_get_current_pid_tgid() >> 32;
+    }
     /* the 4-tuple is final once ESTABLISHED; before that the local port may
      * not be bound yet. Reading it on every change cost ~60 ns each. */
     if (!h->lport || newstate == EP_TCP_ESTABLISHED)
@@ -531,17 +566,8 @@ KFUNC_PROBE(sk_stream_error, struct sock *sk, int flags, int err)
         ep_on_send_error(ctx, sk, flags, err, PATH_STREAM_ERR);
     return 0;
 }
-#elif HOOK_SERR == 4
-RAW_TRACEPOINT_PROBE(sock_send_length)
-{
-    /* TP_PROTO(struct sock *sk, int ret, int flags) */
-    int ret = (int)ctx->args[1];
-    if (ret >= 0 || !ep_task_wanted(bpf_get_current_pid_tgid() >> 32))
-        return 0;
-    ep_on_send_error(ctx, (struct sock *)ctx->args[0], (int)ctx->args[2], ret, PATH_SEND_LENGTH);
-    return 0;
-}
 #endif
+/* HOOK_SERR == 4 (sock:sock_send_length) is with the report points below */
 
 #if HOOK_PIPE == 1
 /* Entry of the pipe write path (pipe_write, or anon_pipe_write and
@@ -745,54 +771,6 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close)
 }
 #endif
 
-#if HOOK_SIGGEN
-/* SIGPIPE raised by the kernel for a send (send_sig(SIGPIPE, current, 0)):
- * remember its result, the blocked mask and the disposition for sys_exit */
-static __always_inline void ep_on_sigpipe(struct task_struct *target, int result)
-{
-    struct task_struct *t = (struct task_struct *)bpf_get_current_task();
-    if (target != t)
-        return;        /* SIGPIPE sent to someone else (kill -PIPE): not a send's */
-    u64 id = bpf_get_current_pid_tgid();
-    u32 tid = (u32)id;
-    if (!ep_task_wanted(id >> 32))
-        return;
-    struct sigrec s = {};
-    s.ts = bpf_ktime_get_ns();
-    s.result = result;
-    u64 blocked = 0;
-    bpf_probe_read_kernel(&blocked, sizeof(blocked), &t->blocked);
-    s.blocked = (blocked >> (EP_SIGPIPE - 1)) & 1;
-    struct sighand_struct *sh = 0;
-    bpf_probe_read_kernel(&sh, sizeof(sh), &t->sighand);
-    if (sh)
-        bpf_probe_read_kernel(&s.handler, sizeof(s.handler), &sh->action[EP_SIGPIPE - 1].sa.sa_handler);
-    sigs.update(&tid, &s);
-}
-#endif
-
-#if HOOK_SIGGEN == 3
-TRACEPOINT_PROBE(signal, signal_generate)
-{
-    if (args->sig != EP_SIGPIPE)
-        return 0;
-    struct task_struct *t = (struct task_struct *)bpf_get_current_task();
-    u32 tid = (u32)bpf_get_current_pid_tgid();
-    ep_on_sigpipe((u32)args->pid == tid ? t : 0, args->result);
-    return 0;
-}
-#elif HOOK_SIGGEN == 4
-/* TP_PROTO(int sig, struct kernel_siginfo *info, struct task_struct *task,
- *          int group, int result) */
-RAW_TRACEPOINT_PROBE(signal_generate)
-{
-    if ((int)ctx->args[0] != EP_SIGPIPE)
-        return 0;
-    ep_on_sigpipe((struct task_struct *)ctx->args[2], (int)ctx->args[4]);
-    return 0;
-}
-#endif
-
 #if HOOK_SIGDLV == 3
 TRACEPOINT_PROBE(signal, signal_deliver)
 {
@@ -819,7 +797,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     bpf_probe_read_kernel(&code, sizeof(code), &t->exit_code);
     u64 id = bpf_get_current_pid_tgid();
     u32 pid = id >> 32;
-#if HOOK_CLOSE == 3
+#if !FILTER_KINDS || (FILTER_KINDS & ((1 << KIND_PIPE) | (1 << KIND_FIFO)))
     /* an exiting reader closes its pipe ends without close(): look at the
      * first fds for pipe read ends and record this process as their last reader */
     struct files_struct *files = 0;
@@ -878,7 +856,17 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 }
 #endif
 
-#if HOOK_SYSEXIT == 4
+/* ---- the report point: one failing send or write -------------------------- */
+/* Where failures are reported (tracer/plan.py, send_failure and pipe_failure):
+ *   REPORT_SENDLEN   sockets: sock:sock_send_length, when sock_sendmsg() returns
+ *                    the error;
+ *   REPORT_PIPE_SIG  pipes/FIFOs: signal:signal_generate, since a pipe write
+ *                    with no readers always raises SIGPIPE;
+ *   HOOK_SYSEXIT     otherwise (or with --syscalls) the raw sys_exit.
+ * The first two hook no syscall, so the rest of the host pays nothing; the
+ * syscall number and fd then come from the task's saved user registers. */
+
+#if HOOK_SYSEXIT == 4 || REPORT_SENDLEN || REPORT_PIPE_SIG
 static __always_inline int ep_is_send_family(long nr)
 {
     return nr == NR_write || nr == NR_writev || nr == NR_sendto || nr == NR_sendmsg ||
@@ -891,48 +879,48 @@ static __always_inline int ep_is_send_family(long nr)
         unsigned long __v = 0;                                        \
         bpf_probe_read_kernel(&__v, sizeof(__v), &(regs)->field);     \
         __v; })
-#define SYSCALL_NR(regs)   SYSCALL_REG(regs, REG_NR)
-#define SYSCALL_ARG1(regs) SYSCALL_REG(regs, REG_ARG1)
-#define SYSCALL_ARG2(regs) SYSCALL_REG(regs, REG_ARG2)
-#define SYSCALL_ARG3(regs) SYSCALL_REG(regs, REG_ARG3)
-#define SYSCALL_ARG4(regs) SYSCALL_REG(regs, REG_ARG4)
 
-RAW_TRACEPOINT_PROBE(sys_exit)
+/* The syscall this task is in, the fd it writes to and its flags; nr is -1
+ * when that is no send-family syscall (io_uring, a kernel thread). */
+static __always_inline void ep_syscall_args(struct pt_regs *regs, long *nr, int *fd, u32 *flags)
 {
-    /* TP_PROTO(struct pt_regs *regs, long ret): the cheap test comes first,
-     * since this runs for every syscall on the host */
-    long ret = (long)ctx->args[1];
-    if (ret != -EP_EPIPE && ret != -EP_ECONNRESET)
-        return 0;
-    struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
-    long nr = SYSCALL_NR(regs);
-    if (!ep_is_send_family(nr))
-        return 0;
-    u64 id = bpf_get_current_pid_tgid();
-    u32 pid = id >> 32, tid = (u32)id;
-    if (!ep_task_wanted(pid))
-        return 0;
+    long n = SYSCALL_REG(regs, REG_NR);
+    *flags = 0;
+    *fd = -1;
+    *nr = -1;
+    if (!ep_is_send_family(n))
+        return;
+    *nr = n;
+    *fd = (int)SYSCALL_REG(regs, REG_ARG1);
+    if (n == NR_sendto || n == NR_sendmmsg)
+        *flags = (u32)SYSCALL_REG(regs, REG_ARG4);
+    else if (n == NR_sendmsg)
+        *flags = (u32)SYSCALL_REG(regs, REG_ARG3);
+    else if (n == NR_splice)
+        *fd = (int)SYSCALL_REG(regs, REG_ARG3);
+    else if (n == NR_tee)
+        *fd = (int)SYSCALL_REG(regs, REG_ARG2);
+}
+
+/* One failing call: count it exactly, then emit an event with everything
+ * known. ret is what the call returns; f or sk name the target (the fd is
+ * resolved when both are 0); fl_in / sg_in: what the error point and the
+ * SIGPIPE generation saw, when the caller holds it (else taken from the maps). */
+static __always_inline void ep_report(void *ctx, long ret, long nr, int fd, u32 flags,
+                                      struct file *f, struct sock *sk,
+                                      struct inflight *fl_in, struct sigrec *sg_in)
+{
     ep_stat_inc(3);
-
-    int fd = (int)SYSCALL_ARG1(regs);
-    u32 flags = 0;
-    if (nr == NR_sendto || nr == NR_sendmmsg)
-        flags = (u32)SYSCALL_ARG4(regs);
-    else if (nr == NR_sendmsg)
-        flags = (u32)SYSCALL_ARG3(regs);
-    else if (nr == NR_splice)
-        fd = (int)SYSCALL_ARG3(regs);
-    else if (nr == NR_tee)
-        fd = (int)SYSCALL_ARG2(regs);
-
     u64 now = bpf_ktime_get_ns();
-    struct file *f = ep_fd_file(fd);
-    u16 fmt = f ? (ep_file_mode(f) & EP_S_IFMT) : 0;
-    struct sock *sk = 0;
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    if (!f && !sk)
+        f = ep_fd_file(fd);
+    u16 fmt = sk ? EP_S_IFSOCK : (f ? (ep_file_mode(f) & EP_S_IFMT) : 0);
     u8 kind = KIND_OTHER, state_now = 0, shutdown = 0, peer_gone = 0;
     u16 family = 0, sktype = 0;
     if (fmt == EP_S_IFSOCK) {
-        sk = ep_file_sock(f);
+        if (!sk)
+            sk = ep_file_sock(f);
         kind = KIND_SOCK;
         if (sk) {
             u16 proto = KR(sk, sk_protocol);
@@ -959,11 +947,11 @@ RAW_TRACEPOINT_PROBE(sys_exit)
     }
 #if FILTER_KINDS
     if (!((FILTER_KINDS >> kind) & 1))
-        return 0;
+        return;
 #endif
 #if FILTER_FAMILY
     if (kind != KIND_TCP || family != FILTER_FAMILY)
-        return 0;
+        return;
 #endif
 
     struct sk_hist *h = 0;
@@ -982,32 +970,43 @@ RAW_TRACEPOINT_PROBE(sys_exit)
     }
 #if FILTER_LPORT
     if (kind != KIND_TCP || !lports.lookup(&lport))
-        return 0;
+        return;
 #endif
 #if FILTER_DPORT
     if (kind != KIND_TCP || !dports.lookup(&rport))
-        return 0;
+        return;
 #endif
 
-    /* what the error point and the signal generation saw, if it was this syscall */
-    struct inflight *inf = inflight.lookup(&tid);
+    /* what the error point and the signal generation saw, if it was this
+     * call (the caller may already hold one or both) */
     struct inflight fl = {};
     u8 have_fl = 0;
-    if (inf && now - inf->ts < 1000000000ULL && (!sk || inf->sk == (u64)sk)) {
-        fl = *inf;
+    if (fl_in) {
+        fl = *fl_in;
         have_fl = 1;
+    } else {
+        struct inflight *inf = inflight.lookup(&tid);
+        if (inf && now - inf->ts < 1000000000ULL && (!sk || inf->sk == (u64)sk)) {
+            fl = *inf;
+            have_fl = 1;
+        }
+        if (inf)
+            inflight.delete(&tid);
     }
-    if (inf)
-        inflight.delete(&tid);
-    struct sigrec *sp = sigs.lookup(&tid);
     struct sigrec sg = {};
     u8 have_sig = 0;
-    if (sp && now - sp->ts < 1000000000ULL) {
-        sg = *sp;
+    if (sg_in) {
+        sg = *sg_in;
         have_sig = 1;
+    } else {
+        struct sigrec *sp = sigs.lookup(&tid);
+        if (sp && now - sp->ts < 1000000000ULL) {
+            sg = *sp;
+            have_sig = 1;
+        }
+        if (sp)
+            sigs.delete(&tid);
     }
-    if (sp)
-        sigs.delete(&tid);
     u8 sig_disp = sg.handler == 0 ? 0 : (sg.handler == 1 ? 1 : 2);
 
     struct unix_sock *u = 0;
@@ -1016,6 +1015,17 @@ RAW_TRACEPOINT_PROBE(sys_exit)
         u = (struct unix_sock *)sk;
         bpf_probe_read_kernel(&peer, sizeof(peer), &u->peer);
         peer_gone = peer == 0;
+    }
+    /* the facts that decide the cause */
+    u8 shut_how = h ? h->shut_how : 0;
+    u8 aac = h && ((h->hflags & HF_UNACCEPTED_FIN) ||
+                   (h->accept_ts && h->close_wait_ts && h->close_wait_ts <= h->accept_ts));
+    if (kind == KIND_UNIX && !shut_how && (shutdown & 2) && peer) {
+        /* our SEND_SHUTDOWN with the peer still open: our shutdown(SHUT_WR)
+         * (a peer that closed was orphaned: sock_orphan() cleared its
+         * sk_socket; a peer's SHUT_RD looks the same as ours) */
+        if (KR(peer, sk_socket))
+            shut_how = SHUT_SEND_SIDE;
     }
     struct pipe_inode_info *pipe = 0;
     if (kind == KIND_PIPE || kind == KIND_FIFO) {
@@ -1039,33 +1049,46 @@ RAW_TRACEPOINT_PROBE(sys_exit)
     ck.err = (s32)ret;
     /* a peer that connected to us comes from an ephemeral port: counting by
      * it would spread one client over thousands of keys and fill the map */
-    ck.rport = (h && h->accept_ts) ? 0 : rport;
+    ck.shut_how = shut_how;
+    ck.accepted_after_close = aac;
     if (h) {
         ck.has_hist = 1;
         ck.rst_state = h->rst_state;
-        ck.shut_how = h->shut_how;
         ck.err_reported = h->err_reported;
-        ck.accepted_after_close = h->accept_ts && h->close_wait_ts && h->close_wait_ts <= h->accept_ts;
-        __builtin_memcpy(ck.raddr, h->raddr, 16);
+    }
+    /* (1) exact: by the facts alone, a few hundred keys at most. insert fails
+     * when another CPU got there first: add to its entry, lose nothing */
+    u64 one = 1, *cnt = counts.lookup(&ck);
+    if (!cnt && counts.insert(&ck, &one) != 0 && !(cnt = counts.lookup(&ck)))
+        ep_stat_inc(2);
+    if (cnt)
+        __sync_fetch_and_add(cnt, 1);
+    /* (2) best effort: by remote endpoint too; a peer that connected to us
+     * comes from an ephemeral port, so count it by address only */
+    struct count_key rk = ck;
+    rk.rport = (h && (h->accept_ts || (h->hflags & HF_PASSIVE))) ? 0 : rport;
+    if (h) {
+        __builtin_memcpy(rk.raddr, h->raddr, 16);
     } else if (kind == KIND_TCP) {
         if (family == EP_AF_INET) {
             u32 d = KR(sk, __sk_common.skc_daddr);
-            __builtin_memcpy(ck.raddr, &d, 4);
+            __builtin_memcpy(rk.raddr, &d, 4);
         } else {
-            bpf_probe_read_kernel(ck.raddr, 16, &sk->__sk_common.skc_v6_daddr);
+            bpf_probe_read_kernel(rk.raddr, 16, &sk->__sk_common.skc_v6_daddr);
         }
     }
-    u64 one = 1;
-    u64 *cnt = counts.lookup(&ck);
+    cnt = counts_remote.lookup(&rk);
+    if (!cnt && counts_remote.insert(&rk, &one) != 0 && !(cnt = counts_remote.lookup(&rk)))
+        ep_stat_inc(6);
     if (cnt)
         __sync_fetch_and_add(cnt, 1);
-    else if (counts.update(&ck, &one) != 0)
-        ep_stat_inc(2);
 
     struct event *e = ep_event_new(EV_FAIL);
     if (!e)
-        return 0;
+        return;
     e->kind = kind;
+    e->shut_how = shut_how;
+    e->accepted_after_close = aac;
     e->ts = now;
     e->ret = (s32)ret;
     e->fd = fd;
@@ -1111,7 +1134,7 @@ RAW_TRACEPOINT_PROBE(sys_exit)
             e->hist.lport = lport;
             e->hist.rport = rport;
             e->hist.family = family;
-            __builtin_memcpy(e->hist.raddr, ck.raddr, 16);
+            __builtin_memcpy(e->hist.raddr, rk.raddr, 16);
             if (family == EP_AF_INET) {
                 u32 s = KR(sk, __sk_common.skc_rcv_saddr);
                 __builtin_memcpy(e->hist.laddr, &s, 4);
@@ -1168,6 +1191,153 @@ RAW_TRACEPOINT_PROBE(sys_exit)
     }
     events.ringbuf_submit(e, 0);
     ep_stat_inc(0);
+}
+#endif  /* a report point */
+
+/* ---- report sources ---------------------------------------------------------- */
+
+static __always_inline struct pt_regs *ep_user_regs(void)
+{
+    struct task_struct *t = (struct task_struct *)bpf_get_current_task_btf();
+    return (struct pt_regs *)bpf_task_pt_regs(t);
+}
+
+static __always_inline int ep_is_kthread(void)
+{
+    struct task_struct *t = (struct task_struct *)bpf_get_current_task();
+    unsigned int fl = 0;
+    bpf_probe_read_kernel(&fl, sizeof(fl), &t->flags);
+    return (fl & 0x00200000) != 0;    /* PF_KTHREAD: no user registers */
+}
+
+#if HOOK_SERR == 4 || REPORT_SENDLEN
+RAW_TRACEPOINT_PROBE(sock_send_length)
+{
+    /* TP_PROTO(struct sock *sk, int ret, int flags): runs for every send on
+     * the host, so the cheap test comes first */
+    int ret = (int)ctx->args[1];
+    if (ret >= 0 || !ep_task_wanted(bpf_get_current_pid_tgid() >> 32))
+        return 0;
+    struct sock *sk = (struct sock *)ctx->args[0];
+#if REPORT_SENDLEN
+    if (!sk)
+        return 0;
+    long nr = -1;
+    int fd = -1;
+    u32 flags = 0;
+    if (!ep_is_kthread())
+        ep_syscall_args(ep_user_regs(), &nr, &fd, &flags);
+#if HOOK_SERR == 4
+    struct inflight fl = {};
+    fl.ts = bpf_ktime_get_ns();
+    fl.sk = (u64)sk;
+    fl.err_at_hook = ret;
+    fl.flags = flags;
+    fl.path = PATH_SEND_LENGTH;
+    fl.sk_err_at_hook = KR(sk, sk_err);
+    fl.shutdown_at_hook = KR(sk, sk_shutdown);
+    fl.state_at_hook = KR(sk, __sk_common.skc_state);
+    fl.kstack = -1;
+#if WANT_STACKS
+    fl.kstack = stacks.get_stackid(ctx, 0);
+#endif
+    ep_report(ctx, ret, nr, fd, flags, 0, sk, &fl, 0);
+#else
+    ep_report(ctx, ret, nr, fd, flags, 0, sk, 0, 0);   /* the kprobe's record is in inflight */
+#endif
+#else
+    ep_on_send_error(ctx, sk, (int)ctx->args[2], ret, PATH_SEND_LENGTH);
+#endif
+    return 0;
+}
+#endif
+
+#if HOOK_SIGGEN
+/* SIGPIPE raised by the kernel for a send (send_sig(SIGPIPE, current, 0)):
+ * for a pipe this is the report point (REPORT_PIPE_SIG); for a socket its
+ * result, the blocked mask and the disposition wait for the report point */
+static __always_inline void ep_on_sigpipe(void *ctx, struct task_struct *target, int result)
+{
+    struct task_struct *t = (struct task_struct *)bpf_get_current_task();
+    if (target != t)
+        return;        /* SIGPIPE sent to someone else (kill -PIPE): not a send's */
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tid = (u32)id;
+    if (!ep_task_wanted(id >> 32))
+        return;
+    struct sigrec s = {};
+    s.ts = bpf_ktime_get_ns();
+    s.result = result;
+    u64 blocked = 0;
+    bpf_probe_read_kernel(&blocked, sizeof(blocked), &t->blocked);
+    s.blocked = (blocked >> (EP_SIGPIPE - 1)) & 1;
+    struct sighand_struct *sh = 0;
+    bpf_probe_read_kernel(&sh, sizeof(sh), &t->sighand);
+    if (sh)
+        bpf_probe_read_kernel(&s.handler, sizeof(s.handler), &sh->action[EP_SIGPIPE - 1].sa.sa_handler);
+#if REPORT_PIPE_SIG
+    if (!ep_is_kthread()) {
+        long nr = -1;
+        int fd = -1;
+        u32 flags = 0;
+        ep_syscall_args(ep_user_regs(), &nr, &fd, &flags);
+        struct file *f = nr >= 0 ? ep_fd_file(fd) : 0;
+        if (f && (ep_file_mode(f) & EP_S_IFMT) == EP_S_IFIFO) {
+            ep_report(ctx, -EP_EPIPE, nr, fd, flags, f, 0, 0, &s);
+            return;
+        }
+    }
+#endif
+    sigs.update(&tid, &s);
+}
+#endif
+
+#if HOOK_SIGGEN == 3
+TRACEPOINT_PROBE(signal, signal_generate)
+{
+    if (args->sig != EP_SIGPIPE)
+        return 0;
+    struct task_struct *t = (struct task_struct *)bpf_get_current_task();
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    ep_on_sigpipe(args, (u32)args->pid == tid ? t : 0, args->result);
+    return 0;
+}
+#elif HOOK_SIGGEN == 4
+/* TP_PROTO(int sig, struct kernel_siginfo *info, struct task_struct *task,
+ *          int group, int result) */
+RAW_TRACEPOINT_PROBE(signal_generate)
+{
+    if ((int)ctx->args[0] != EP_SIGPIPE)
+        return 0;
+    ep_on_sigpipe(ctx, (struct task_struct *)ctx->args[2], (int)ctx->args[4]);
+    return 0;
+}
+#endif
+
+#if HOOK_SYSEXIT == 4
+RAW_TRACEPOINT_PROBE(sys_exit)
+{
+    /* TP_PROTO(struct pt_regs *regs, long ret): the cheap test comes first,
+     * since this runs for every syscall on the host */
+    long ret = (long)ctx->args[1];
+    if (ret != -EP_EPIPE && ret != -EP_ECONNRESET)
+        return 0;
+    long nr;
+    int fd;
+    u32 flags;
+    ep_syscall_args((struct pt_regs *)ctx->args[0], &nr, &fd, &flags);
+    if (nr < 0 || !ep_task_wanted(bpf_get_current_pid_tgid() >> 32))
+        return 0;
+#if REPORT_SENDLEN || REPORT_PIPE_SIG
+    /* only what the other report points do not see */
+    struct file *f = ep_fd_file(fd);
+    u16 fmt = f ? (ep_file_mode(f) & EP_S_IFMT) : 0;
+    if ((REPORT_SENDLEN && fmt == EP_S_IFSOCK) || (REPORT_PIPE_SIG && fmt == EP_S_IFIFO))
+        return 0;
+    ep_report(ctx, ret, nr, fd, flags, f, 0, 0, 0);
+#else
+    ep_report(ctx, ret, nr, fd, flags, 0, 0, 0, 0);
+#endif
     return 0;
 }
 #endif

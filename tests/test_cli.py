@@ -360,3 +360,61 @@ def test_target_exiting_during_start_up_is_an_error():
     # depending on when it died: refused up front, or noticed once loaded
     assert_one_line_error(r, 2, str(short.pid))
     assert "exited" in r.stderr
+
+
+MANY_REMOTES = r"""
+import errno, signal, socket, sys
+signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+sys.stdin.readline()
+n = 0
+for i in range(12):              # 12 remote endpoints: 12 listening ports
+    srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(1)
+    c = socket.create_connection(srv.getsockname())
+    c.shutdown(socket.SHUT_WR)
+    for _ in range(3):
+        try:
+            c.send(b"x")
+        except OSError as e:
+            n += e.errno == errno.EPIPE
+    c.close(); srv.close()
+print(n)
+"""
+
+
+@pytest.mark.bpf
+def test_summary_stays_exact_when_the_remote_table_fills():
+    """Causes and fates come from a table keyed by facts only; the by-remote
+    table is best effort. With room for 4 endpoints and 12 remotes, the
+    totals stay exact and the shortfall is one named bucket."""
+    import io
+    import threading
+
+    from tracer.program import Filters, ProgramOptions
+    from tracer.session import Session, SessionOptions, prepare
+
+    proc = subprocess.Popen([sys.executable, "-c", MANY_REMOTES], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    opts = SessionOptions(filters=Filters(pids=[proc.pid]), json=True,
+                          program=ProgramOptions(count_entries=4))
+    _caps, tree, plan = prepare(opts)
+    out = io.StringIO()
+    sess = Session(opts, out=out)
+    result = {}
+
+    def drive():
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        result["epipes"] = int(proc.communicate(timeout=60)[0])
+        sess.request_stop("workload done")
+
+    sess.run(plan, tree, ready_cb=lambda s: threading.Thread(target=drive, daemon=True).start())
+    summary = [json.loads(line) for line in out.getvalue().splitlines()][-1]
+    epipes = result["epipes"]
+    assert epipes == 36
+    assert summary["total"] == epipes and summary["by_cause"] == {"own_shutdown": epipes}
+    assert summary["uncounted"] == 0
+    remotes = summary["by_remote"]
+    assert 1 <= len([r for r in remotes if r.startswith("127.0.0.1:")]) <= 4
+    assert summary["remote_uncounted"] > 0
+    assert remotes["(other endpoints: table full)"] == summary["remote_uncounted"]
+    assert sum(remotes.values()) == epipes

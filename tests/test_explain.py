@@ -26,6 +26,8 @@ CLOSE_WAIT, ESTABLISHED, SYN_SENT, CLOSE = 8, 1, 2, 7
     (Facts("tcp", EPIPE), "unknown"),                 # nothing observed: never a guess
     (Facts("unix", EPIPE, peer_gone=False), "peer_closed"),
     (Facts("unix", EPIPE, shut_how=2, has_hist=True), "own_shutdown"),
+    (Facts("tcp", EPIPE, shut_how=4, has_hist=True), "own_shutdown"),     # inferred from our FIN
+    (Facts("unix", EPIPE, shut_how=5), "own_shutdown"),    # send side shut, peer open
     (Facts("pipe", EPIPE, peer_gone=True), "no_readers"),
     (Facts("fifo", EPIPE, peer_gone=True), "no_readers"),
     (Facts("other", EPIPE), "unknown"),
@@ -76,6 +78,34 @@ def test_explain_slow_accept_sentence_and_queue_wait():
     assert "sat 450.0 ms in the accept queue" in v.sentence
     assert "closed it 400.0 ms before accept()" in v.sentence
     assert "RST in CLOSE_WAIT" in v.sentence and "sk_err=EPIPE" in v.sentence
+
+
+def test_explain_slow_accept_without_the_accept_hook_gives_a_lower_bound():
+    import dataclasses
+    ev = _slow_accept_event()
+    ev.history = dataclasses.replace(ev.history, accept_ts=0, accept_pid=0, passive=True,
+                                     unaccepted_at_fin=True)
+    v = explain(ev)
+    assert v.cause == "accepted_after_peer_closed" and v.queue_wait_ns is None
+    assert v.details == {"accept_queue_wait_min_ms": 50.0}
+    assert "closed the connection 50.0 ms after the handshake" in v.sentence
+    assert "at least 50.0 ms" in v.sentence and "sat" not in v.sentence
+
+
+def test_explain_inferred_shutdowns_say_how_they_were_seen():
+    ms = 1_000_000
+    h = SocketHistory(est_ts=1 * ms, shut_ts=10 * ms, shut_how=4, shut_pid=77)
+    ev = FailEvent(ts=30 * ms, pid=77, tid=77, comm=b"app", ret=EPIPE, fd=3, syscall="write",
+                   flags=0, facts=Facts("tcp", EPIPE, shut_how=4, has_hist=True, sig_result=1),
+                   history=h)
+    v = explain(ev)
+    assert v.cause == "own_shutdown"
+    assert "pid 77 sent our FIN with shutdown(SHUT_WR or SHUT_RDWR) 20.0 ms before" in v.sentence
+    ev = FailEvent(ts=30 * ms, pid=77, tid=77, comm=b"app", ret=EPIPE, fd=3, syscall="write",
+                   flags=0, facts=Facts("unix", EPIPE, shut_how=5, sig_result=1), peer_pid=78)
+    v = explain(ev)
+    assert v.cause == "own_shutdown" and "peer pid 78 still had its end open" in v.sentence
+    assert "or the peer's SHUT_RD" in v.sentence
 
 
 def test_explain_unknown_says_so():

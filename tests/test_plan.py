@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from tracer.capabilities import KernelCapabilities
-from tracer.plan import FENTRY, KPROBE, RAW_TRACEPOINT, TRACEPOINT, UNAVAILABLE, make_plan
+from tracer.plan import (FENTRY, KPROBE, OFF, RAW_TRACEPOINT, SHARED, TRACEPOINT, UNAVAILABLE,
+                         make_plan)
 
 ALL_TPS = {
     "sock:inet_sock_set_state": ["skaddr", "oldstate", "newstate", "sport", "dport", "family",
@@ -49,7 +50,7 @@ def test_design_hooks_prefer_kprobe_then_fentry_then_tracepoint(kprobes, fentry,
 
 def test_our_machine_no_kprobes_no_fentry_uses_tracepoints_everywhere():
     p = make_plan(caps())
-    assert {c.mechanism for c in p.choices} <= {TRACEPOINT, RAW_TRACEPOINT}
+    assert {c.mechanism for c in p.choices} <= {TRACEPOINT, RAW_TRACEPOINT, SHARED, OFF}
     rej = p.by_name("rst_received").rejected
     assert any("kprobes unavailable" in r for r in rej) and any("fentry" in r for r in rej)
 
@@ -105,7 +106,54 @@ def test_prefer_tracepoint_on_kprobe_kernel():
 def test_macros_follow_mechanisms():
     m = make_plan(caps(kprobes=True)).macros()
     assert m["HOOK_STATE"] == 1 and m["HOOK_RST"] == 1 and m["HOOK_SERR"] == 1
-    assert m["HOOK_SYSEXIT"] == 4 and m["HOOK_SIGGEN"] == 4 and m["HOOK_SIGDLV"] == 3
+    assert m["HOOK_SIGGEN"] == 4 and m["HOOK_SIGDLV"] == 3
+    assert m["REPORT_SENDLEN"] == 1 and m["REPORT_PIPE_SIG"] == 1 and m["HOOK_SYSEXIT"] == 0
+    assert m["HOOK_ACCEPT"] == m["HOOK_SHUT"] == m["HOOK_CLOSE"] == 0
+    m = make_plan(caps(kprobes=True), syscalls=True).macros()
+    assert m["REPORT_SENDLEN"] == 0 and m["REPORT_PIPE_SIG"] == 0 and m["HOOK_SYSEXIT"] == 4
+    assert m["HOOK_ACCEPT"] == m["HOOK_SHUT"] == m["HOOK_CLOSE"] == 3
+
+
+def test_no_syscall_hook_where_the_kernel_has_sock_send_length():
+    """Any syscall tracepoint taxes every syscall on the host: report at
+    sock_sendmsg's return and at SIGPIPE generation instead."""
+    p = make_plan(caps())
+    assert p.by_name("send_failure").target == "sock:sock_send_length"
+    assert p.by_name("pipe_failure").target == "signal:signal_generate"
+    for hook in ("accept", "shutdown", "close"):
+        c = p.by_name(hook)
+        assert c.mechanism == OFF and "--syscalls" in c.reason
+        assert c.to_dict()["consequence"]            # doctor says what is lost
+    assert not p.uses_syscall_hooks()
+    assert p.verdict()[0] == "ready"                 # off on purpose is not degraded
+
+
+def test_syscalls_flag_reports_at_syscall_exit_and_adds_the_syscall_hooks():
+    p = make_plan(caps(), syscalls=True)
+    assert p.by_name("send_failure").target == "raw_syscalls:sys_exit"
+    assert p.by_name("pipe_failure").target == "raw_syscalls:sys_exit"
+    assert {mech(p, h) for h in ("accept", "shutdown", "close")} == {TRACEPOINT}
+    assert any("--syscalls" in r for r in p.by_name("send_failure").rejected)
+    assert p.uses_syscall_hooks()
+
+
+def test_kernel_without_sock_send_length_needs_the_syscall_exit_and_takes_the_rest():
+    tps = {k: v for k, v in ALL_TPS.items() if k != "sock:sock_send_length"}
+    p = make_plan(caps(kprobes=True, tps=tps))
+    assert p.by_name("send_failure").target == "raw_syscalls:sys_exit"
+    assert p.by_name("pipe_failure").target == "raw_syscalls:sys_exit"
+    assert "hooked anyway" in p.by_name("pipe_failure").reason
+    assert {mech(p, h) for h in ("accept", "shutdown", "close")} == {TRACEPOINT}
+
+
+def test_pipes_fall_back_to_syscall_exit_when_sigpipe_generation_is_not_hooked():
+    tps = dict(ALL_TPS, **{"signal:signal_generate": ["sig", "pid"]})   # no result field
+    p = make_plan(caps(tps=tps))
+    assert p.by_name("send_failure").target == "sock:sock_send_length"
+    c = p.by_name("pipe_failure")
+    assert c.target == "raw_syscalls:sys_exit" and "not hooked" in c.reason
+    m = p.macros()
+    assert m["REPORT_SENDLEN"] == 1 and m["REPORT_PIPE_SIG"] == 0 and m["HOOK_SYSEXIT"] == 4
 
 
 def test_no_raw_tracepoints_falls_back_to_classic_ones_where_it_can():
@@ -123,12 +171,13 @@ def test_pipe_write_path_follows_the_kernels_function_names():
     assert make_plan(caps(kprobes=True, funcs=old)).by_name("pipe_write_error").target == "pipe_write"
     half = dict(FUNCS, anon_pipe_write=["struct kiocb *"])     # fifo_pipe_write missing
     c = make_plan(caps(kprobes=True, funcs=half)).by_name("pipe_write_error")
-    assert c.mechanism == RAW_TRACEPOINT and c.target == "raw_syscalls:sys_exit"
+    assert c.mechanism == SHARED
     assert any("fifo_pipe_write is not a probeable" in r for r in c.rejected)
 
 
-def test_pipe_and_unix_paths_fall_back_to_syscall_exit_without_kprobes():
+def test_pipe_and_unix_paths_are_served_by_the_report_point_without_kprobes():
     p = make_plan(caps())
     for hook in ("pipe_write_error", "unix_send_error"):
-        assert p.by_name(hook).target == "raw_syscalls:sys_exit"
+        c = p.by_name(hook)
+        assert c.mechanism == SHARED and "report point" in c.reason
     assert p.verdict()[0] == "ready"

@@ -39,6 +39,20 @@ def test_summary_from_counter_facts_is_exact():
     assert accepted.by_remote == {"10.0.0.9 (clients)": 4}
 
 
+def test_summary_takes_causes_from_the_exact_table_and_remotes_from_the_other():
+    exact = [(Facts("tcp", -32, shut_how=2, has_hist=True), Endpoint(2), 10)]
+    remote = [(Facts("tcp", -32, shut_how=2, has_hist=True), Endpoint(2, "", 0, "10.0.0.1", 80), 4),
+              (Facts("tcp", -32, shut_how=2, has_hist=True), Endpoint(2, "", 0, "10.0.0.2", 80), 3)]
+    s = summarize(exact, [10, 0, 0, 10, 0, 0, 3, 0], remote_counts=remote)
+    assert s.total == 10 and s.by_cause == {"own_shutdown": 10}
+    assert s.by_remote == {"10.0.0.1:80": 4, "10.0.0.2:80": 3,
+                           "(other endpoints: table full)": 3}
+    assert s.to_dict()["remote_uncounted"] == 3
+    full = summarize(exact, [10, 0, 0, 10, 0, 0, 0, 0], remote_counts=remote + [
+        (Facts("tcp", -32, shut_how=2, has_hist=True), Endpoint(2, "", 0, "10.0.0.3", 80), 3)])
+    assert "(other endpoints: table full)" not in full.by_remote
+
+
 def test_count_key_roundtrip():
     k = RawCountKey(kind=1, rst_state=8, family=2, rport=443, err=-32, sig_result=1)
     k.raddr[:4] = [10, 0, 0, 1]

@@ -148,9 +148,15 @@ def _require_root() -> None:
 @click.option("--buffer-pages", type=int, default=256, show_default=True, metavar="N",
               help="Ring buffer size in pages (a power of two). When it fills, event lines "
                    "are dropped and counted; the summary stays exact.")
+@click.option("--syscalls", is_flag=True,
+              help="Also hook syscalls (report at the syscall's exit; exact accept-queue "
+                   "wait, shutdown() caller and how, the pipe reader that closed its end). "
+                   "Costs every syscall on the host; off by default where the kernel has "
+                   "sock:sock_send_length, always on where it has not.")
 @click.option("--ebpf", is_flag=True, hidden=True, help="Print the BPF program and exit.")
 def trace_cmd(pids, comm, lport, dport, ipv4, ipv6, cgroup, types, show_time, show_ts,
-              timeline, as_json, stack, duration, prefer, header_source, buffer_pages, ebpf):
+              timeline, as_json, stack, duration, prefer, syscalls, header_source,
+              buffer_pages, ebpf):
     """Trace broken pipes (the default command)."""
     from .program import Filters, ProgramOptions
     from .session import Session, SessionOptions, pid_alive
@@ -202,7 +208,7 @@ def trace_cmd(pids, comm, lport, dport, ipv4, ipv6, cgroup, types, show_time, sh
                           json=as_json,
                           time_mode="time" if show_time else "timestamp" if show_ts else None,
                           timeline=timeline, duration=duration, prefer=prefer,
-                          header_source=header_source)
+                          syscalls=syscalls, header_source=header_source)
     _require_root()
     caps, tree, plan = _prepare(opts)
     if ebpf:
@@ -292,9 +298,10 @@ def _prepare(opts):
 @click.option("--no-load", is_flag=True, help="Skip compiling and loading the program.")
 @click.option("--prefer", type=click.Choice(["kprobe", "fentry", "tracepoint"]),
               help="Plan as if this mechanism were preferred.")
+@click.option("--syscalls", is_flag=True, help="Plan as `trace --syscalls` would.")
 @click.option("--headers", "header_source", type=click.Choice(["auto", "kernel", "btf"]),
               default="auto", show_default=True)
-def doctor_cmd(as_json, no_load, prefer, header_source):
+def doctor_cmd(as_json, no_load, prefer, syscalls, header_source):
     """Show what this kernel offers and what epipe-trace will attach.
 
     Reports kernel facts (BTF, headers, kprobes, fentry, tracepoints), the
@@ -306,7 +313,7 @@ def doctor_cmd(as_json, no_load, prefer, header_source):
     from .doctor import run_doctor
     _require_root()
     sys.exit(run_doctor(as_json=as_json, load_program=not no_load, prefer=prefer,
-                        header_source=header_source))
+                        header_source=header_source, syscalls=syscalls))
 
 
 @main.command("repro")
@@ -314,14 +321,15 @@ def doctor_cmd(as_json, no_load, prefer, header_source):
               metavar="FILE", help="Write the kernel fingerprint to FILE ('-' for stdout).")
 @click.option("--prefer", type=click.Choice(["kprobe", "fentry", "tracepoint"]),
               help="Prefer this mechanism where a hook has it.")
-def repro_cmd(json_file, prefer):
+@click.option("--syscalls", is_flag=True, help="Trace as `trace --syscalls` does.")
+def repro_cmd(json_file, prefer, syscalls):
     """Run the fixed broken-pipe scenarios on loopback, traced, and record a
     kernel fingerprint: per scenario the send results, signals, state
     transitions, kernel path and verdicts. Exit 0 when every verdict is the
     expected one, 1 otherwise."""
     from .repro import run_repro
     _require_root()
-    doc = run_repro(prefer=prefer)
+    doc = run_repro(prefer=prefer, syscalls=syscalls)
     text = json.dumps(doc, indent=1)
     if json_file == "-":
         click.echo(text)

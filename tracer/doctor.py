@@ -9,16 +9,16 @@ from tabulate import tabulate
 
 from . import capabilities, headers
 from .loader import LoadError, load
-from .plan import UNAVAILABLE, make_plan
+from .plan import OFF, SHARED, UNAVAILABLE, make_plan
 from .program import Filters, ProgramOptions
 
 
 def run_doctor(as_json: bool, load_program: bool, prefer: str | None,
-               header_source: str = "auto") -> int:
+               header_source: str = "auto", syscalls: bool = False) -> int:
     t0 = time.monotonic()
     caps = capabilities.detect()
     detect_s = time.monotonic() - t0
-    plan = make_plan(caps, prefer=prefer)
+    plan = make_plan(caps, prefer=prefer, syscalls=syscalls)
     tree, tree_error = None, None
     try:
         tree = headers.prepare(caps, prefer=header_source)
@@ -44,7 +44,8 @@ def run_doctor(as_json: bool, load_program: bool, prefer: str | None,
     if as_json:
         doc = {"kernel": caps.to_dict(), "detect_seconds": round(detect_s, 3),
                "header_tree": tree.to_dict() if tree else {"error": tree_error},
-               "plan": plan.to_list(), "load": load_info,
+               "plan": plan.to_list(), "syscall_hooks": plan.uses_syscall_hooks(),
+               "load": load_info,
                "verdict": verdict, "why": why}
         click.echo(json.dumps(doc, indent=1))
     else:
@@ -71,7 +72,9 @@ def run_doctor(as_json: bool, load_program: bool, prefer: str | None,
         click.echo()
         rows = []
         for c in plan.choices:
-            status = "ok" if c.mechanism != UNAVAILABLE else "MISSING: " + c.hook.if_missing
+            status = ("MISSING: " + c.hook.if_missing if c.mechanism == UNAVAILABLE else
+                      "off (--syscalls adds it): " + c.hook.if_missing if c.mechanism == OFF else
+                      "ok (served by the report point)" if c.mechanism == SHARED else "ok")
             rows.append((c.hook.name, c.mechanism, c.target or "-", status))
         click.echo(tabulate(rows, headers=["HOOK", "MECHANISM", "TARGET", "STATUS"],
                             tablefmt="simple"))
@@ -86,5 +89,11 @@ def run_doctor(as_json: bool, load_program: bool, prefer: str | None,
                            f"detach: {load_info['detach_seconds']:.3f} s")
             else:
                 click.echo(f"load failed: {load_info['error']}")
+        if plan.uses_syscall_hooks():
+            click.echo("syscall hooks: on (every syscall on the host pays the kernel's "
+                       "syscall-tracepoint slow path while tracing)")
+        else:
+            click.echo("syscall hooks: none (no cost on the syscall path; --syscalls "
+                       "for exact accept time, shutdown() caller and closing readers)")
         click.echo(f"{verdict}: {why}")
     return 0 if verdict in ("ready", "degraded") else 1

@@ -41,6 +41,7 @@ class _Hist(ct.Structure):
         ("family", ct.c_uint8), ("lport", ct.c_uint16), ("rport", ct.c_uint16),
         ("laddr", ct.c_uint8 * 16), ("raddr", ct.c_uint8 * 16),
         ("peer_close_comm", ct.c_char * 16),
+        ("hflags", ct.c_uint8), ("hpad", ct.c_uint8 * 7),
         ("states", _StateRec * NSTATES),
     ]
 
@@ -51,7 +52,8 @@ class RawEvent(ct.Structure):
         ("sig_result", ct.c_uint8), ("sig_blocked", ct.c_uint8), ("sig_disp", ct.c_uint8),
         ("state_now", ct.c_uint8), ("sk_shutdown", ct.c_uint8), ("has_hist", ct.c_uint8),
         ("sock_type", ct.c_uint8), ("peer_gone", ct.c_uint8), ("peer_shutdown", ct.c_uint8),
-        ("pipe_how", ct.c_uint8), ("pad", ct.c_uint8 * 3),
+        ("pipe_how", ct.c_uint8), ("shut_how", ct.c_uint8),
+        ("accepted_after_close", ct.c_uint8), ("pad", ct.c_uint8),
         ("pid", ct.c_uint32), ("tid", ct.c_uint32), ("ret", ct.c_int32), ("fd", ct.c_int32),
         ("syscall_nr", ct.c_uint32), ("flags", ct.c_uint32), ("err_at_hook", ct.c_int32),
         ("sk_err_at_hook", ct.c_int32), ("kstack", ct.c_int32), ("ustack", ct.c_int32),
@@ -97,7 +99,7 @@ class SocketHistory:
     rst_state: int = 0          # 0: no RST seen
     rst_sk_err: int = 0
     shut_ts: int = 0
-    shut_how: int = 0           # how + 1; 0: no shutdown seen
+    shut_how: int = 0           # how + 1; 0: none seen; 4, 5: inferred (explain.SHUT_NAMES)
     shut_pid: int = 0
     err_ts: int = 0
     err_reported: int = 0
@@ -106,6 +108,8 @@ class SocketHistory:
     peer_close_comm: bytes = b""
     states: list[StateChange] = field(default_factory=list)
     states_dropped: int = 0     # older transitions that fell out of the ring
+    passive: bool = False       # a listener's child (accepted, or waiting to be)
+    unaccepted_at_fin: bool = False  # the peer's FIN came before accept() took it
 
 
 @dataclass
@@ -229,7 +233,8 @@ def decode_history(h: _Hist) -> SocketHistory:
         shut_how=h.shut_how, shut_pid=h.shut_pid, err_ts=h.err_ts,
         err_reported=h.err_reported, peer_close_ts=h.peer_close_ts,
         peer_close_pid=h.peer_close_pid, peer_close_comm=h.peer_close_comm,
-        states=states, states_dropped=first)
+        states=states, states_dropped=first, passive=bool(h.hflags & 1),
+        unaccepted_at_fin=bool(h.hflags & 2))
 
 
 def decode(data: bytes | int, size: int | None = None, syscalls: dict[int, str] | None = None):
@@ -249,9 +254,8 @@ def decode(data: bytes | int, size: int | None = None, syscalls: dict[int, str] 
         ep = Endpoint(h.family, _addr(h.laddr, h.family), h.lport, _addr(h.raddr, h.family), h.rport)
     facts = Facts(
         kind=KIND_NAMES.get(raw.kind, "other"), err=raw.ret,
-        rst_state=h.rst_state if hist else 0, shut_how=h.shut_how if hist else 0,
-        accepted_after_close=bool(hist and h.accept_ts and h.close_wait_ts
-                                  and h.close_wait_ts <= h.accept_ts),
+        rst_state=h.rst_state if hist else 0, shut_how=raw.shut_how,
+        accepted_after_close=bool(raw.accepted_after_close),
         state_now=raw.state_now, err_reported=h.err_reported if hist else 0,
         has_hist=bool(hist), peer_gone=bool(raw.peer_gone),
         nosignal=bool(raw.flags & 0x4000), sig_result=raw.sig_result,

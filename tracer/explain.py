@@ -21,7 +21,12 @@ from .events import (NOSIG, TCP_CLOSE, TCP_CLOSE_WAIT, TCP_STATES, TCP_SYN_SENT,
                      FailEvent)
 
 EPIPE, ECONNRESET = _errno.EPIPE, _errno.ECONNRESET
-SHUT_NAMES = {1: "SHUT_RD", 2: "SHUT_WR", 3: "SHUT_RDWR"}   # keyed by how + 1
+# keyed by how + 1 (seen by the shutdown() hook), or inferred without it:
+# 4 = TCP, the FIN we sent while the socket was open; 5 = UNIX, our send side
+# shut while the peer is open (the peer's shutdown(SHUT_RD) looks the same)
+SHUT_NAMES = {1: "SHUT_RD", 2: "SHUT_WR", 3: "SHUT_RDWR", 4: "SHUT_WR or SHUT_RDWR",
+              5: "SHUT_WR"}
+OWN_SHUTDOWN = (2, 3, 4, 5)
 
 # stable cause identifiers -> plain words
 CAUSES = {
@@ -63,12 +68,12 @@ def classify(f: Facts) -> str:
     if f.kind == "pipe" or f.kind == "fifo":
         return "no_readers" if f.peer_gone or f.err == -EPIPE else "unknown"
     if f.kind == "unix":
-        if f.shut_how in (2, 3):
+        if f.shut_how in OWN_SHUTDOWN:
             return "own_shutdown"
         return "peer_closed" if f.err == -EPIPE else "unknown"
     if f.kind != "tcp":
         return "unknown"
-    if f.shut_how in (2, 3):
+    if f.shut_how in OWN_SHUTDOWN:
         return "own_shutdown"
     if f.accepted_after_close:
         return "accepted_after_peer_closed"
@@ -136,16 +141,29 @@ def explain(ev: FailEvent, sig_observed: bool = True) -> Verdict:
         peer = ev.endpoint.remote()
         if cause == "own_shutdown" and h:
             ago = ev.ts - h.shut_ts if h.shut_ts else 0
-            parts.append(f"this process called shutdown({SHUT_NAMES.get(h.shut_how, '?')}) "
-                         f"{_ms(ago)} before this {ev.syscall}")
+            if h.shut_how == 4:
+                parts.append(f"pid {h.shut_pid} sent our FIN with shutdown(SHUT_WR or "
+                             f"SHUT_RDWR) {_ms(ago)} before this {ev.syscall} (seen as "
+                             "the state change; --syscalls names the call)")
+            else:
+                parts.append(f"this process called shutdown({SHUT_NAMES.get(h.shut_how, '?')}) "
+                             f"{_ms(ago)} before this {ev.syscall}")
         if h and h.accept_ts and h.est_ts and h.accept_ts >= h.est_ts:
             queue_wait = h.accept_ts - h.est_ts
             details["accept_queue_wait_ms"] = round(queue_wait / 1e6, 3)
+        elif h and h.unaccepted_at_fin and h.est_ts and h.close_wait_ts >= h.est_ts:
+            details["accept_queue_wait_min_ms"] = round((h.close_wait_ts - h.est_ts) / 1e6, 3)
         if cause == "accepted_after_peer_closed" and h:
-            before = h.accept_ts - h.close_wait_ts
-            parts.append(f"the connection sat {_ms(queue_wait or 0)} in the accept queue; "
-                         f"{peer} closed it {_ms(before)} before accept() returned it "
-                         "(already CLOSE_WAIT)")
+            if queue_wait is not None:
+                before = h.accept_ts - h.close_wait_ts
+                parts.append(f"the connection sat {_ms(queue_wait)} in the accept queue; "
+                             f"{peer} closed it {_ms(before)} before accept() returned it "
+                             "(already CLOSE_WAIT)")
+            else:
+                gave_up = h.close_wait_ts - h.est_ts if h.est_ts else 0
+                parts.append(f"{peer} closed the connection {_ms(gave_up)} after the "
+                             "handshake while it still waited in the accept queue (CLOSE_WAIT "
+                             f"before accept()): the queue wait was at least {_ms(gave_up)}")
         if h and h.rst_state:
             rst_err = {TCP_CLOSE_WAIT: "EPIPE", TCP_SYN_SENT: "ECONNREFUSED"}.get(
                 h.rst_state, "ECONNRESET")
@@ -167,7 +185,11 @@ def explain(ev: FailEvent, sig_observed: bool = True) -> Verdict:
     elif f.kind == "unix":
         name = _clean_name(ev.name)
         who = f"peer pid {ev.peer_pid}" if ev.peer_pid else "the peer"
-        if cause == "own_shutdown" and h:
+        if cause == "own_shutdown" and f.shut_how == 5:
+            parts.append(f"our send side was shut down while {who} still had its end "
+                         "open: our shutdown(SHUT_WR) (or the peer's SHUT_RD; --syscalls "
+                         "tells which)")
+        elif cause == "own_shutdown" and h:
             parts.append(f"this process called shutdown({SHUT_NAMES.get(h.shut_how, '?')}) "
                          f"{_ms(ev.ts - h.shut_ts)} earlier")
         elif h and h.peer_close_ts:

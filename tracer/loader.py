@@ -37,8 +37,9 @@ class Loaded:
             atexit.unregister(b.cleanup)
             b.cleanup()
 
-    def counts(self) -> list[tuple[bytes, int]]:
-        return [(bytes(k), v.value) for k, v in self.bpf["counts"].items()]
+    def counts(self, table: str = "counts") -> list[tuple[bytes, int]]:
+        """``counts``: exact, by facts; ``counts_remote``: by remote endpoint too."""
+        return [(bytes(k), v.value) for k, v in self.bpf[table].items()]
 
     def stats(self) -> list[int]:
         """Per-stat sums over CPUs (see the stats map in bpf/epipe.bpf.c)."""

@@ -15,9 +15,22 @@ from .capabilities import KernelCapabilities
 
 KPROBE, FENTRY, TRACEPOINT, RAW_TRACEPOINT, UNAVAILABLE = (
     "kprobe", "fentry", "tracepoint", "raw_tracepoint", "unavailable")
+# not failures of the plan: "shared" hooks are served by another hook's probe,
+# "off" hooks are left out on purpose (the syscall hooks, see SYSCALL_COST)
+SHARED, OFF = "shared", "off"
 
 # Value of the HOOK_* macro in bpf/epipe.bpf.c for each mechanism.
-MACRO_VALUE = {UNAVAILABLE: 0, KPROBE: 1, FENTRY: 2, TRACEPOINT: 3, RAW_TRACEPOINT: 4}
+MACRO_VALUE = {UNAVAILABLE: 0, KPROBE: 1, FENTRY: 2, TRACEPOINT: 3, RAW_TRACEPOINT: 4,
+               SHARED: 0, OFF: 0}
+
+SYS_EXIT = "raw_syscalls:sys_exit"
+SEND_LENGTH = "sock:sock_send_length"
+SIGNAL_GENERATE = "signal:signal_generate"
+# Why the syscall hooks are off unless asked for (measured with scripts/bench)
+SYSCALL_COST = ("off: any syscall tracepoint puts every syscall of every process on "
+                "the kernel's slow path (here: send path 0.88 -> 0.71 of untraced); "
+                "--syscalls adds it")
+SYSCALL_HOOKS = ("accept", "shutdown", "close")
 
 
 @dataclass(frozen=True)
@@ -64,32 +77,38 @@ HOOKS: tuple[HookSpec, ...] = (
              (Candidate(RAW_TRACEPOINT, "sock:inet_sk_error_report", ("error",)),),
              "the error the kernel set on the socket (ETIMEDOUT, ECONNRESET...) is not "
              "recorded; it is still read at sk_stream_error where that is probed"),
-    HookSpec("send_failure", "HOOK_SYSEXIT", "send-family syscall fails",
-             (Candidate(RAW_TRACEPOINT, "raw_syscalls:sys_exit"),),
+    HookSpec("send_failure", "HOOK_SEND", "failing socket send reported",
+             (Candidate(RAW_TRACEPOINT, SEND_LENGTH, ("sk", "ret")),
+              Candidate(RAW_TRACEPOINT, SYS_EXIT)),
              "failing sends cannot be seen", essential=True),
     HookSpec("accept", "HOOK_ACCEPT", "accept() returns a socket",
              (Candidate(TRACEPOINT, "syscalls:sys_exit_accept4", ("ret",)),),
-             "time spent in the accept queue is unknown; 'accepted after the peer "
-             "closed' cannot be named"),
+             "the accept-queue wait is known only from below (the peer's FIN came while "
+             "the connection was still unaccepted); 'accepted after the peer closed' "
+             "is still named"),
     HookSpec("shutdown", "HOOK_SHUT", "our own shutdown()",
              (Candidate(TRACEPOINT, "syscalls:sys_enter_shutdown", ("fd", "how")),),
-             "our own shutdown() is not seen: that cause cannot be named"),
+             "our shutdown() is inferred (TCP: the FIN we sent while the socket was "
+             "open; UNIX: our send side shut while the peer is open), SHUT_WR and "
+             "SHUT_RDWR not told apart"),
     HookSpec("pipe_write_error", "HOOK_PIPE", "pipe/FIFO write path (no readers)",
              (Candidate(KPROBE, "anon_pipe_write,fifo_pipe_write", ("struct kiocb *",)),
-              Candidate(KPROBE, "pipe_write", ("struct kiocb *",)),
-              Candidate(RAW_TRACEPOINT, "raw_syscalls:sys_exit")),
-             "pipe failures are not seen at all"),
+              Candidate(KPROBE, "pipe_write", ("struct kiocb *",))),
+             "the pipe write function is not named (the failure is still reported)"),
     HookSpec("unix_send_error", "HOOK_UNIX", "UNIX stream send path (shut down)",
-             (Candidate(KPROBE, "unix_stream_sendmsg", ("struct socket *",)),
-              Candidate(RAW_TRACEPOINT, "raw_syscalls:sys_exit")),
-             "UNIX socket failures are not seen at all"),
+             (Candidate(KPROBE, "unix_stream_sendmsg", ("struct socket *",)),),
+             "unix_stream_sendmsg is not named (the failure is still reported)"),
     HookSpec("close", "HOOK_CLOSE", "close() of a UNIX socket or pipe read end",
              (Candidate(TRACEPOINT, "syscalls:sys_enter_close", ("fd",)),),
-             "the UNIX peer or pipe reader that went away is not named"),
+             "a pipe reader that closed its read end, and when a UNIX peer closed, are "
+             "not named (readers that exited still are)"),
     HookSpec("sigpipe_generated", "HOOK_SIGGEN", "SIGPIPE generated",
              (Candidate(RAW_TRACEPOINT, "signal:signal_generate", ("sig", "pid", "group", "result")),
               Candidate(TRACEPOINT, "signal:signal_generate", ("sig", "pid", "result"))),
              "the SIGPIPE's fate (ignored, blocked, caught, fatal) is unknown"),
+    HookSpec("pipe_failure", "HOOK_PIPEREP", "failing pipe/FIFO write reported",
+             (Candidate(RAW_TRACEPOINT, SIGNAL_GENERATE), Candidate(RAW_TRACEPOINT, SYS_EXIT)),
+             "pipe and FIFO failures are not seen at all"),
     HookSpec("sigpipe_delivered", "HOOK_SIGDLV", "SIGPIPE delivered",
              (Candidate(TRACEPOINT, "signal:signal_deliver", ("sig", "sa_handler")),),
              "delivery to a handler is not confirmed"),
@@ -111,7 +130,8 @@ class Choice:
         return {"hook": self.hook.name, "title": self.hook.title,
                 "mechanism": self.mechanism, "target": self.target, "reason": self.reason,
                 "rejected": list(self.rejected),
-                "consequence": self.hook.if_missing if self.mechanism == UNAVAILABLE else None}
+                "consequence": (self.hook.if_missing if self.mechanism in (UNAVAILABLE, OFF)
+                                else None)}
 
 
 @dataclass
@@ -125,7 +145,18 @@ class ProbePlan:
         raise KeyError(name)
 
     def macros(self) -> dict[str, int]:
-        return {c.hook.macro: MACRO_VALUE[c.mechanism] for c in self.choices}
+        m = {c.hook.macro: MACRO_VALUE[c.mechanism] for c in self.choices}
+        targets = {c.hook.name: c.target for c in self.choices}
+        # where failures are reported: sock_sendmsg's return / SIGPIPE generation
+        # (no syscall hook at all), or the raw sys_exit
+        m["REPORT_SENDLEN"] = int(targets.get("send_failure") == SEND_LENGTH)
+        m["REPORT_PIPE_SIG"] = int(targets.get("pipe_failure") == SIGNAL_GENERATE)
+        m["HOOK_SYSEXIT"] = 4 if SYS_EXIT in (targets.get("send_failure"),
+                                              targets.get("pipe_failure")) else 0
+        return m
+
+    def uses_syscall_hooks(self) -> bool:
+        return any(c.target.startswith(("syscalls:", "raw_syscalls:")) for c in self.choices)
 
     def unavailable(self) -> list[Choice]:
         return [c for c in self.choices if c.mechanism == UNAVAILABLE]
@@ -179,12 +210,17 @@ def _try(c: Candidate, caps: KernelCapabilities) -> str | None:
 
 
 def make_plan(caps: KernelCapabilities, prefer: str | None = None,
-              disable: frozenset[str] = frozenset()) -> ProbePlan:
+              disable: frozenset[str] = frozenset(), syscalls: bool = False) -> ProbePlan:
     """Choose a mechanism per hook.
 
     ``prefer`` ("kprobe", "fentry", "tracepoint") moves that mechanism to the
     front where a hook has it, for comparing mechanisms on one kernel;
-    ``disable`` names hooks to leave out.
+    ``disable`` names hooks to leave out. ``syscalls`` reports failures at the
+    syscall's exit and adds the accept/shutdown/close syscall hooks: exact
+    accept time, shutdown() caller and how, the pipe reader that closed. Without
+    it, where the kernel has ``sock:sock_send_length``, no syscall is hooked at
+    all, since any syscall tracepoint taxes every syscall on the host; on older
+    kernels the syscall exit is the only report point and the others come along.
     """
     plan = ProbePlan()
     for hook in HOOKS:
@@ -196,6 +232,16 @@ def make_plan(caps: KernelCapabilities, prefer: str | None = None,
             cands.sort(key=lambda c: 0 if c.mechanism == prefer or
                        (prefer == TRACEPOINT and c.mechanism == RAW_TRACEPOINT) else 1)
         rejected = []
+        if hook.name == "send_failure" and syscalls:
+            rejected.append(f"{RAW_TRACEPOINT} {SEND_LENGTH}: --syscalls reports at the "
+                            "syscall's exit")
+            cands = [c for c in cands if c.target != SEND_LENGTH]
+        if hook.name in SYSCALL_HOOKS and not syscalls and _report_target(plan) != SYS_EXIT:
+            plan.choices.append(Choice(hook, OFF, "", SYSCALL_COST))
+            continue
+        if hook.name == "pipe_failure":
+            plan.choices.append(_pipe_report(hook, plan, caps))
+            continue
         for c in cands:
             why = _try(c, caps)
             if why is None:
@@ -203,14 +249,47 @@ def make_plan(caps: KernelCapabilities, prefer: str | None = None,
                           FENTRY: "fentry works and the signature matches",
                           TRACEPOINT: "tracepoint present with the fields we read",
                           RAW_TRACEPOINT: "raw tracepoint present"}[c.mechanism]
-                if c.target == "raw_syscalls:sys_exit":
-                    reason = ("raw sys_exit sees every syscall's registers"
-                              if hook.name == "send_failure" else
-                              "caught at syscall exit (the send_failure hook); the "
-                              "kernel path is not named")
+                if c.target == SYS_EXIT:
+                    reason = "raw sys_exit sees every syscall's registers and result"
+                elif c.target == SEND_LENGTH and hook.name == "send_failure":
+                    reason = ("reported where sock_sendmsg() returns the error; the "
+                              "syscall and fd are read from the task's registers, so "
+                              "no syscall is hooked")
                 plan.choices.append(Choice(hook, c.mechanism, c.target, reason, tuple(rejected)))
                 break
             rejected.append(f"{c.mechanism} {c.target}: {why}")
         else:
+            if hook.name in ("pipe_write_error", "unix_send_error"):
+                plan.choices.append(Choice(
+                    hook, SHARED, "", "no probe of its own: the report point sees these "
+                    "failures (the write function is not named)", tuple(rejected)))
+                continue
             plan.choices.append(Choice(hook, UNAVAILABLE, "", "; ".join(rejected), tuple(rejected)))
     return plan
+
+
+def _report_target(plan: ProbePlan) -> str:
+    try:
+        return plan.by_name("send_failure").target
+    except KeyError:
+        return ""
+
+
+def _pipe_report(hook: HookSpec, plan: ProbePlan, caps: KernelCapabilities) -> Choice:
+    """Pipes: a write with no readers always raises SIGPIPE (pipe_write(),
+    splice), so with no syscall hook the failure is reported where the
+    signal is generated. Where the syscall exit is hooked anyway, report there."""
+    send = _report_target(plan)
+    try:
+        sig = plan.by_name("sigpipe_generated")
+    except KeyError:
+        sig = None
+    if send != SYS_EXIT and sig is not None and sig.mechanism not in (UNAVAILABLE, OFF):
+        return Choice(hook, sig.mechanism, SIGNAL_GENERATE,
+                      "a pipe write with no readers always raises SIGPIPE: reported where "
+                      "the signal is generated (the fd is read from the task's registers)")
+    if caps.raw_tracepoints:
+        why = ("the syscall exit is hooked anyway" if send == SYS_EXIT else
+               "SIGPIPE generation is not hooked")
+        return Choice(hook, RAW_TRACEPOINT, SYS_EXIT, f"raw sys_exit ({why})")
+    return Choice(hook, UNAVAILABLE, "", "raw tracepoints unsupported")

@@ -228,6 +228,7 @@ def fail_json(ev: FailEvent, v: Verdict, clock: Clock, stack: dict | None = None
                          if h.shut_ts else None),
             "accept": ({"ms": round((h.accept_ts - ev.ts) / 1e6, 3), "pid": h.accept_pid}
                        if h.accept_ts else None),
+            "fin_before_accept": h.unaccepted_at_fin,
             "error_reported": errname(h.err_reported) if h.err_ts else None,
         }
     if stack is not None:
@@ -263,31 +264,48 @@ class Summary:
     lost: int
     killed: int
     counter_overflow: int
+    remote_overflow: int = 0
 
     def to_dict(self) -> dict:
         return {"event": "summary", "total": self.total, "lost_events": self.lost,
                 "killed_by_sigpipe": self.killed, "uncounted": self.counter_overflow,
+                "remote_uncounted": self.remote_overflow,
                 "by_cause": dict(self.by_cause), "by_sigpipe": dict(self.by_fate),
                 "by_remote": {k: v for k, v in self.by_remote.most_common()}}
 
 
+REMOTE_TABLE_FULL = "(other endpoints: table full)"
+
+
+def _remote_name(facts: Facts, ep: Endpoint) -> str:
+    if facts.kind != "tcp":
+        return facts.kind
+    if ep.rport:
+        return ep.remote()
+    return f"{ep.raddr} (clients)"       # accepted: any source port
+
+
 def summarize(counts: list[tuple[Facts, Endpoint, int]], stats: list[int],
-              sig_observed: bool = True) -> Summary:
+              sig_observed: bool = True,
+              remote_counts: list[tuple[Facts, Endpoint, int]] | None = None) -> Summary:
+    """Causes and fates from the exact counters (keyed by facts only); remote
+    endpoints from the second, best-effort table, whose shortfall when it
+    filled up is shown as one bucket so the column still adds up."""
     by_cause: Counter = Counter()
     by_fate: Counter = Counter()
     by_remote: Counter = Counter()
     for facts, ep, n in counts:
         by_cause[classify(facts)] += n
         by_fate[sigpipe_fate(facts, sig_observed)] += n
-        if facts.kind != "tcp":
-            remote = facts.kind
-        elif ep.rport:
-            remote = ep.remote()
-        else:
-            remote = f"{ep.raddr} (clients)"       # accepted: any source port
-        by_remote[remote] += n
-    return Summary(by_cause, by_fate, by_remote, sum(by_cause.values()),
-                   lost=stats[1], killed=stats[4], counter_overflow=stats[2])
+    total = sum(by_cause.values())
+    for facts, ep, n in (counts if remote_counts is None else remote_counts):
+        by_remote[_remote_name(facts, ep)] += n
+    missing = total - sum(by_remote.values())
+    if missing > 0:
+        by_remote[REMOTE_TABLE_FULL] += missing
+    return Summary(by_cause, by_fate, by_remote, total,
+                   lost=stats[1], killed=stats[4], counter_overflow=stats[2],
+                   remote_overflow=stats[6] if len(stats) > 6 else 0)
 
 
 def summary_text(s: Summary) -> str:

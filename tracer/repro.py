@@ -42,8 +42,9 @@ def _facts_for(outcome: scenarios.Outcome, events: list[dict]) -> dict:
     }
 
 
-def run_repro(prefer: str | None = None) -> dict:
-    opts = SessionOptions(filters=Filters(), json=True, prefer=prefer, quiet_summary=True)
+def run_repro(prefer: str | None = None, syscalls: bool = False) -> dict:
+    opts = SessionOptions(filters=Filters(), json=True, prefer=prefer, syscalls=syscalls,
+                          quiet_summary=True)
     caps, tree, plan = prepare(opts)
     out = io.StringIO()
     sess = Session(opts, out=out)

@@ -65,10 +65,13 @@ t0 = time.monotonic()
 c = socket.create_connection(srv.getsockname()[:2])
 time.sleep(0.05)
 c.close()
+t_close = time.monotonic()
 time.sleep(DELAY)
 a, _ = srv.accept()
-# the real time the connection waited in the accept queue, as this process saw it
-sys.stdout.write(json.dumps({"queue_wait_ms": (time.monotonic() - t0) * 1000}) + "\n")
+# the real time the connection waited in the accept queue, and when its peer
+# gave up, as this process saw them
+sys.stdout.write(json.dumps({"queue_wait_ms": (time.monotonic() - t0) * 1000,
+                             "peer_closed_ms": (t_close - t0) * 1000}) + "\n")
 for i in range(3):
     send(a, b"hello", FLAGS)
     time.sleep(0.1)

@@ -48,6 +48,7 @@ class SessionOptions:
     timeline: bool = False
     duration: float | None = None
     prefer: str | None = None
+    syscalls: bool = False          # report at syscall exit, add accept/shutdown/close hooks
     header_source: str = "auto"
     quiet_summary: bool = False
 
@@ -66,7 +67,7 @@ def pid_alive(pid: int) -> bool:
 def prepare(opts: SessionOptions) -> tuple[capabilities.KernelCapabilities, headers.HeaderTree, ProbePlan]:
     caps = capabilities.detect()
     tree = headers.prepare(caps, prefer=opts.header_source)
-    plan = make_plan(caps, prefer=opts.prefer)
+    plan = make_plan(caps, prefer=opts.prefer, syscalls=opts.syscalls)
     return caps, tree, plan
 
 
@@ -267,7 +268,9 @@ class Session:
                 raw = self.loaded.counts()
                 stats = self.loaded.stats()
                 counts = [(*decode_count_key(k), n) for k, n in raw]
-                summ = summarize(counts, stats, self.sig_observed)
+                remote = [(*decode_count_key(k), n)
+                          for k, n in self.loaded.counts("counts_remote")]
+                summ = summarize(counts, stats, self.sig_observed, remote)
                 if not self.opts.quiet_summary:
                     if self.opts.json:
                         d = summ.to_dict()
