@@ -7,6 +7,7 @@ gone, stdout closed, an exception in the event callback) goes through one
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import sys
@@ -14,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import capabilities, headers
-from .events import DeliverEvent, ExitEvent, FailEvent, decode, decode_count_key
+from .events import DeliverEvent, ExitEvent, FailEvent, RawEvent, decode, decode_count_key
 from .explain import explain
 from .loader import Loaded, load
 from .plan import UNAVAILABLE, ProbePlan, make_plan
@@ -128,19 +129,24 @@ class Session:
         else:
             self.loaded.bpf.ring_buffer_poll(timeout_ms)
 
-    def _drain(self, seconds: float = 2.0) -> None:
-        """Read what is already in the ring buffer (bounded: a storm may go on).
+    def _drain(self, seconds: float = 0.5) -> None:
+        """Read what the ring buffer holds now: at most its capacity in records
+        (a storm may go on after Ctrl-C; what it adds later is in the counts).
 
         Consumes directly instead of polling: the kernel wakes the reader only
         when it had caught up, so after a storm the last records can sit in
         the buffer with no wake-up pending, and a zero-timeout poll would
         leave them there (seen as one event neither shown nor counted lost)."""
+        capacity = self.opts.program.ringbuf_pages * 4096 // (ctypes.sizeof(RawEvent) + 8) + 1
         deadline = time.monotonic() + seconds
+        taken = 0
         self._draining = True
         try:
-            self._poll(None)
-            while self._poll_cut and time.monotonic() < deadline:
+            while True:
                 self._poll(None)
+                taken += self._poll_events
+                if not self._poll_cut or taken >= capacity or time.monotonic() >= deadline:
+                    break
         finally:
             self._draining = False
 
