@@ -470,24 +470,30 @@ static __always_inline void ep_on_error_report(struct sock *sk)
 /* The error point of a send (sk_stream_error, sock_sendmsg's result, the pipe
  * or UNIX write path) saw this failure: keep what it saw for sys_exit. sk is
  * 0 for pipes. The caller has applied the task filters. */
+static __always_inline void ep_inflight_fill(void *ctx, struct inflight *f, struct sock *sk,
+                                             int flags, int err, u8 path)
+{
+    f->ts = bpf_ktime_get_ns();
+    f->sk = (u64)sk;
+    f->err_at_hook = err;
+    f->flags = flags;
+    f->path = path;
+    if (sk) {
+        f->sk_err_at_hook = KR(sk, sk_err);
+        f->shutdown_at_hook = KR(sk, sk_shutdown);
+        f->state_at_hook = KR(sk, __sk_common.skc_state);
+    }
+    f->kstack = -1;
+#if WANT_STACKS
+    f->kstack = stacks.get_stackid(ctx, 0);
+#endif
+}
+
 static __always_inline void ep_on_send_error(void *ctx, struct sock *sk, int flags, int err, u8 path)
 {
     u32 tid = (u32)bpf_get_current_pid_tgid();
     struct inflight f = {};
-    f.ts = bpf_ktime_get_ns();
-    f.sk = (u64)sk;
-    f.err_at_hook = err;
-    f.flags = flags;
-    f.path = path;
-    if (sk) {
-        f.sk_err_at_hook = KR(sk, sk_err);
-        f.shutdown_at_hook = KR(sk, sk_shutdown);
-        f.state_at_hook = KR(sk, __sk_common.skc_state);
-    }
-    f.kstack = -1;
-#if WANT_STACKS
-    f.kstack = stacks.get_stackid(ctx, 0);
-#endif
+    ep_inflight_fill(ctx, &f, sk, flags, err, path);
     inflight.update(&tid, &f);
 }
 
@@ -1229,18 +1235,7 @@ RAW_TRACEPOINT_PROBE(sock_send_length)
         ep_syscall_args(ep_user_regs(), &nr, &fd, &flags);
 #if HOOK_SERR == 4
     struct inflight fl = {};
-    fl.ts = bpf_ktime_get_ns();
-    fl.sk = (u64)sk;
-    fl.err_at_hook = ret;
-    fl.flags = flags;
-    fl.path = PATH_SEND_LENGTH;
-    fl.sk_err_at_hook = KR(sk, sk_err);
-    fl.shutdown_at_hook = KR(sk, sk_shutdown);
-    fl.state_at_hook = KR(sk, __sk_common.skc_state);
-    fl.kstack = -1;
-#if WANT_STACKS
-    fl.kstack = stacks.get_stackid(ctx, 0);
-#endif
+    ep_inflight_fill(ctx, &fl, sk, flags, ret, PATH_SEND_LENGTH);
     ep_report(ctx, ret, nr, fd, flags, 0, sk, &fl, 0);
 #else
     ep_report(ctx, ret, nr, fd, flags, 0, sk, 0, 0);   /* the kprobe's record is in inflight */
