@@ -232,6 +232,11 @@ def trace_cmd(pids, comm, lport, dport, ipv4, ipv6, cgroup, types, show_time, sh
     from .session import TargetsGone
     try:
         code = sess.run(plan, tree, ready_cb=ready)
+        # done (summary out, probes detached): a Ctrl-C or SIGTERM from now
+        # on must not turn the exit into death by signal. Python resets its
+        # own SIGINT handler to the default action while finalizing; an
+        # ignored signal stays ignored.
+        _ignore_stop_signals()
     except TargetsGone as e:
         fail(f"process {e} exited while the probes were being loaded; nothing was traced")
     except BrokenPipeError:
@@ -240,6 +245,12 @@ def trace_cmd(pids, comm, lport, dport, ipv4, ipv6, cgroup, types, show_time, sh
         _stdout_to_devnull()
         code = EXIT_OK
     sys.exit(code)
+
+
+def _ignore_stop_signals() -> None:
+    import signal
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, signal.SIG_IGN)
 
 
 def _stdout_to_devnull() -> None:

@@ -19,7 +19,7 @@ from .events import DeliverEvent, ExitEvent, FailEvent, RawEvent, decode, decode
 from .explain import explain
 from .loader import Loaded, load
 from .plan import UNAVAILABLE, ProbePlan, make_plan
-from .program import Filters, ProgramOptions, syscall_names
+from .program import Filters, ProgramOptions, source_text, syscall_names
 from .render import (Clock, TableRenderer, delivered_json, dumps, fail_json, killed_json,
                      summarize, summary_text)
 
@@ -67,7 +67,7 @@ def pid_alive(pid: int) -> bool:
 
 def prepare(opts: SessionOptions) -> tuple[capabilities.KernelCapabilities, headers.HeaderTree, ProbePlan]:
     caps = capabilities.detect()
-    tree = headers.prepare(caps, prefer=opts.header_source)
+    tree = headers.prepare(caps, prefer=opts.header_source, roots_text=source_text())
     plan = make_plan(caps, prefer=opts.prefer, syscalls=opts.syscalls)
     return caps, tree, plan
 
@@ -91,6 +91,7 @@ class Session:
         self._poll_started = 0.0
         self._poll_cut = False
         self._draining = False
+        self._attached = False
 
     def request_stop(self, reason: str) -> None:
         """Ask the loop to end at its next turn (safe from another thread)."""
@@ -219,15 +220,22 @@ class Session:
         opts = self.opts
 
         def _term(signum, frame):
-            raise Stop(signal.Signals(signum).name)
+            name = "interrupted" if signum == signal.SIGINT else signal.Signals(signum).name
+            if self._attached:
+                # never raise in the middle of handling an event (its line
+                # would be lost): the loop stops after the current poll
+                self.request_stop(name)
+            else:
+                raise Stop(name)
 
         self.sig_observed = plan.by_name("sigpipe_generated").mechanism != UNAVAILABLE
-        old = {s: signal.signal(s, _term) for s in (signal.SIGTERM, signal.SIGHUP)}
+        old = {s: signal.signal(s, _term) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
             self.loaded = load(tree, plan, opts.filters, opts.program)
             if opts.filters.pids and not any(pid_alive(p) for p in opts.filters.pids):
                 raise TargetsGone(opts.filters.pids)
             self.loaded.bpf["events"].open_ring_buffer(self._on_event)
+            self._attached = True
             if ready_cb:
                 ready_cb(self)
             if not opts.json:
