@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from pathlib import Path
 import socket
 
 import pytest
@@ -103,3 +104,32 @@ def test_python_layouts_match_what_bcc_compiled(tmp_path):
         assert ctypes.sizeof(loaded.bpf["zero_event"].Leaf) == ctypes.sizeof(RawEvent)
     finally:
         loaded.detach()
+
+
+@pytest.mark.bpf
+def test_cut_header_compiles_every_plan_and_filter_without_falling_back(tmp_path):
+    """The generated vmlinux.h is cut to what bpf/epipe.bpf.c reaches; every
+    #if branch the plans and filters select must still find its types."""
+    from tracer import loader, plan, program
+    caps = capabilities.detect(try_fentry=False)
+    if not caps.btf:
+        pytest.skip("kernel has no BTF")
+    tree = headers.prepare(caps, cache_dir=tmp_path, prefer="btf",
+                           roots_text=program.source_text())
+    text = (Path(tree.path) / "include/epipe/vmlinux.h").read_text()
+    full = (Path(tree.path) / "include/epipe/vmlinux-full.h").read_text()
+    assert len(text) * 5 < len(full)                 # really cut
+    variants = [
+        (plan.make_plan(caps), program.Filters(), program.ProgramOptions(stacks=True)),
+        (plan.make_plan(caps, syscalls=True),
+         program.Filters(pids=[os.getpid()], comm="x", lports=[1], dports=[2], family=2,
+                         cgroup_id=1, kinds={"tcp", "pipe"}), program.ProgramOptions()),
+        (plan.make_plan(caps, prefer="tracepoint"), program.Filters(kinds={"unix"}),
+         program.ProgramOptions()),
+    ]
+    for p, f, o in variants:
+        loaded = loader.load(tree, p, f, o)
+        try:
+            assert not loaded.full_vmlinux, [c.target for c in p.choices]
+        finally:
+            loaded.detach()

@@ -1,6 +1,7 @@
 """Unit tests for the header-tree generator's filtering of bpftool's dump."""
 from __future__ import annotations
 
+from tracer import headers
 from tracer.headers import defined_names, filter_dump, split_toplevel, verify_tree
 
 BCC = """
@@ -78,3 +79,42 @@ def test_verify_tree_detects_corruption(tmp_path):
     assert verify_tree(tmp_path)
     f.write_text("struct x { int a; ")                   # truncated by a crash or a disk
     assert not verify_tree(tmp_path)
+
+
+def test_prune_keeps_what_the_program_reaches_by_value_and_declares_pointees():
+    dump = """struct big;
+struct list_head {
+\tstruct list_head *next;
+};
+typedef unsigned int u32;
+typedef void __signalfn_t(int);
+typedef __signalfn_t *__sighandler_t;
+struct inner {
+\tu32 a;
+\t__sighandler_t h;
+};
+struct unused {
+\tint z;
+};
+struct big {
+\tstruct unused u;
+};
+enum kind {
+\tK_A = 0,
+};
+struct outer {
+\tstruct inner in;
+\tstruct big *p;
+\tvoid (*cb)(struct unused2 *, struct big);
+\tenum kind k;
+\tstruct list_head l;
+};
+"""
+    cut = headers.prune_dump(dump, "int f(struct outer *o) { return o->in.a; }", always=())
+    for kept in ("struct outer {", "struct inner {", "typedef unsigned int u32;",
+                 "typedef __signalfn_t *__sighandler_t;", "typedef void __signalfn_t(int);",
+                 "enum kind {", "struct list_head {"):
+        assert kept in cut, kept
+    assert "struct big {" not in cut and "struct unused {" not in cut    # only pointed to
+    assert "struct unused2;" in cut and "struct big;" in cut            # declared, not defined
+    assert cut.index("struct inner {") < cut.index("struct outer {")     # dump order kept

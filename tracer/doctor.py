@@ -10,7 +10,7 @@ from tabulate import tabulate
 from . import capabilities, headers
 from .loader import LoadError, load
 from .plan import OFF, SHARED, UNAVAILABLE, make_plan
-from .program import Filters, ProgramOptions
+from .program import Filters, ProgramOptions, source_text
 
 
 def run_doctor(as_json: bool, load_program: bool, prefer: str | None,
@@ -21,7 +21,7 @@ def run_doctor(as_json: bool, load_program: bool, prefer: str | None,
     plan = make_plan(caps, prefer=prefer, syscalls=syscalls)
     tree, tree_error = None, None
     try:
-        tree = headers.prepare(caps, prefer=header_source)
+        tree = headers.prepare(caps, prefer=header_source, roots_text=source_text())
     except headers.HeaderError as e:
         tree_error = str(e)
     load_info: dict = {"attempted": False}
@@ -36,6 +36,8 @@ def run_doctor(as_json: bool, load_program: bool, prefer: str | None,
             t2 = time.monotonic()
             loaded.detach()
             load_info = {"attempted": True, "ok": True,
+                         "header": ("complete vmlinux.h (the cut one failed)"
+                                    if loaded.full_vmlinux else "as prepared"),
                          "compile_load_attach_seconds": round(attached, 3),
                          "detach_seconds": round(time.monotonic() - t2, 3)}
         except LoadError as e:

@@ -12,8 +12,9 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-from .headers import HeaderTree
+from .headers import FULL_VMLINUX_DEFINE, HeaderTree
 from .plan import ProbePlan
 from .program import Filters, ProgramOptions, render
 
@@ -27,6 +28,7 @@ class Loaded:
     bpf: object                  # bcc.BPF
     compile_seconds: float
     text: str
+    full_vmlinux: bool = False   # the cut vmlinux.h failed and the complete one was used
 
     def detach(self) -> None:
         """Detach every probe and free every map. Safe to call twice."""
@@ -127,13 +129,23 @@ def load(tree: HeaderTree, plan: ProbePlan, filters: Filters,
     t0 = time.monotonic()
     from bcc import BPF  # import only once BCC_KERNEL_SOURCE is set
     err = None
-    with _CapturedStderr() as cap:
-        try:
-            b = BPF(text=text, cflags=["-Wno-everything"])
-        except Exception as e:  # bcc raises bare Exception on compile/load/attach errors
-            err = e
-    if os.environ.get("EPIPE_TRACE_DEBUG"):
-        os.write(2, cap.text.encode())
+    b = None
+    # a generated tree's vmlinux.h is cut to what this program reaches; the
+    # complete one is the fallback should the cut ever miss a type
+    variants = [[]]
+    if tree.kind == "btf-generated" and (Path(tree.path) / "include/epipe/vmlinux-full.h").exists():
+        variants.append([FULL_VMLINUX_DEFINE])
+    for extra in variants:
+        err = None
+        with _CapturedStderr() as cap:
+            try:
+                b = BPF(text=text, cflags=["-Wno-everything", *extra])
+            except Exception as e:  # bcc raises bare Exception on compile/load/attach errors
+                err = e
+        if os.environ.get("EPIPE_TRACE_DEBUG"):
+            os.write(2, cap.text.encode())
+        if err is None:
+            break
     if err is not None:
         detail = cap.errors()
         raise LoadError(f"bcc could not compile/load the program ({err})"
@@ -148,7 +160,7 @@ def load(tree: HeaderTree, plan: ProbePlan, filters: Filters,
                 except Exception as e:  # noqa: BLE001
                     b.cleanup()
                     raise LoadError(f"could not attach a kprobe to {fn}: {e}") from e
-    loaded = Loaded(b, time.monotonic() - t0, text)
+    loaded = Loaded(b, time.monotonic() - t0, text, full_vmlinux=bool(extra))
     if not os.environ.get("EPIPE_TRACE_KEEP_COMPILER"):
         release_compiler_memory()
     try:

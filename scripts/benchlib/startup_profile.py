@@ -50,7 +50,7 @@ def main() -> int:
         from tracer import cli  # noqa: F401
         from tracer import capabilities, headers, loader
         from tracer.plan import make_plan
-        from tracer.program import Filters, ProgramOptions
+        from tracer.program import Filters, ProgramOptions, source_text
         mark("import tracer modules")
 
         # capabilities.detect() once, as the tool does, with its expensive
@@ -80,7 +80,7 @@ def main() -> int:
         phases[-1]["parts"] = {k: round(v, 4) for k, v in sub.items()}
         del btf_mod
 
-        tree = headers.prepare(caps, cache_dir=headers.DEFAULT_CACHE)
+        tree = headers.prepare(caps, cache_dir=headers.DEFAULT_CACHE, roots_text=source_text())
         mark(f"headers.prepare ({'cached' if tree.cached else 'generated'})")
         plan = make_plan(caps)
         mark("make_plan")
