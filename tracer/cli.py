@@ -24,8 +24,16 @@ Examples:
   epipe-trace -p 1234,1250 --timeline
   epipe-trace -L 8080 --json | jq .cause
   epipe-trace -D 5432 -d 60         # peers on port 5432, for one minute
-  epipe-trace --type pipe,fifo -c myjob
+  epipe-trace --type pipe -c myjob    # pipes and FIFOs of one program
   epipe-trace doctor                # what this kernel offers, what will be used
+  epipe-trace -p 1234 --syscalls    # + exact accept-queue wait, shutdown() calls
+
+\b
+Cost: where the kernel has sock:sock_send_length (6.3+) no syscall is hooked;
+failures are caught where sock_sendmsg() returns them and, for pipes, where
+their SIGPIPE is generated. --syscalls hooks syscalls too (every syscall on the
+host then pays the kernel's slow path) for the facts only they give: the exact
+accept-queue wait, the shutdown() call and its how, a reader that close()d.
 
 \b
 Causes (JSON "cause"):
