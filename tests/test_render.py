@@ -65,3 +65,11 @@ def test_layout_sizes_match_the_c_structs():
     import ctypes
     assert ctypes.sizeof(RawCountKey) == 40
     assert ctypes.sizeof(RawEvent) % 8 == 0
+
+
+def test_a_failure_outside_a_send_syscall_names_no_syscall():
+    from tracer.events import decode
+    raw = RawEvent(type=1, kind=1, ret=-32, syscall_nr=0xFFFFFFFF, fd=-1, sig_result=0xFF)
+    assert decode(bytes(raw), syscalls={1: "write"}).syscall == "-"     # io_uring, kthread
+    raw.syscall_nr = 1
+    assert decode(bytes(raw), syscalls={1: "write"}).syscall == "write"

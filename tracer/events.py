@@ -237,6 +237,13 @@ def decode_history(h: _Hist) -> SocketHistory:
         unaccepted_at_fin=bool(h.hflags & 2))
 
 
+def _syscall_name(nr: int, names: dict[int, str]) -> str:
+    if nr == 0xFFFFFFFF:
+        # not in a send-family syscall: io_uring, a kernel thread
+        return "-"
+    return names.get(nr, f"syscall {nr}")
+
+
 def decode(data: bytes | int, size: int | None = None, syscalls: dict[int, str] | None = None):
     """One ring-buffer record -> FailEvent | DeliverEvent | ExitEvent."""
     if isinstance(data, int):        # bcc passes a pointer
@@ -263,7 +270,7 @@ def decode(data: bytes | int, size: int | None = None, syscalls: dict[int, str] 
     names = syscalls or {}
     return FailEvent(
         ts=raw.ts, pid=raw.pid, tid=raw.tid, comm=raw.comm, ret=raw.ret, fd=raw.fd,
-        syscall=names.get(raw.syscall_nr, f"syscall {raw.syscall_nr}"), flags=raw.flags,
+        syscall=_syscall_name(raw.syscall_nr, names), flags=raw.flags,
         facts=facts, endpoint=ep, history=hist, path=PATH_NAMES.get(raw.path),
         err_at_hook=raw.err_at_hook, sk_err_at_hook=raw.sk_err_at_hook,
         sk_shutdown=raw.sk_shutdown, sig_handler=raw.sig_handler, sk=raw.sk,
