@@ -25,9 +25,10 @@ FUNCS = {"tcp_reset": ["struct sock *", "struct sk_buff *"],
          "tcp_set_state": ["struct sock *", "int"]}
 
 
-def caps(kprobes=False, fentry=False, tps=None, funcs=None, raw=True) -> KernelCapabilities:
+def caps(kprobes=False, fentry=False, tps=None, funcs=None, raw=True, btf=True) -> KernelCapabilities:
     return KernelCapabilities(
-        release="test", machine="x86_64", btf=True, btf_path="/x", headers_dir=None,
+        release="test", machine="x86_64", btf=btf, btf_path="/x" if btf else None,
+        headers_dir=None if btf else "/lib/modules/test/build",
         kprobes=kprobes, kprobes_reason="test", fentry=fentry, fentry_reason="test",
         raw_tracepoints=raw, ringbuf=True, tracefs="/t",
         tracepoints=dict(ALL_TPS if tps is None else tps),
@@ -181,3 +182,11 @@ def test_pipe_and_unix_paths_are_served_by_the_report_point_without_kprobes():
         c = p.by_name(hook)
         assert c.mechanism == SHARED and "report point" in c.reason
     assert p.verdict()[0] == "ready"
+
+
+def test_without_btf_the_registers_cannot_be_read_so_the_syscall_exit_reports():
+    p = make_plan(caps(kprobes=True, btf=False))
+    assert p.by_name("send_failure").target == "raw_syscalls:sys_exit"
+    assert any("needs BTF" in r for r in p.by_name("send_failure").rejected)
+    assert p.by_name("pipe_failure").target == "raw_syscalls:sys_exit"
+    assert p.uses_syscall_hooks() and p.verdict()[0] == "ready"
