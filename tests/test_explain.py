@@ -87,9 +87,13 @@ def test_explain_slow_accept_without_the_accept_hook_gives_a_lower_bound():
                                      unaccepted_at_fin=True)
     v = explain(ev)
     assert v.cause == "accepted_after_peer_closed" and v.queue_wait_ns is None
-    assert v.details == {"accept_queue_wait_min_ms": 50.0}
+    # FIN at +50 ms while unaccepted; the RST to our write at +460 ms
+    assert v.details == {"accept_queue_wait_min_ms": 50.0, "accept_queue_wait_max_ms": 460.0}
     assert "closed the connection 50.0 ms after the handshake" in v.sentence
-    assert "at least 50.0 ms" in v.sentence and "sat" not in v.sentence
+    assert "between 50.0 ms and 460.0 ms" in v.sentence and "sat" not in v.sentence
+    ev.history = dataclasses.replace(ev.history, rst_ts=0, rst_state=0)
+    v = explain(ev)
+    assert v.details == {"accept_queue_wait_min_ms": 50.0} and "at least 50.0 ms" in v.sentence
 
 
 def test_explain_inferred_shutdowns_say_how_they_were_seen():

@@ -153,6 +153,9 @@ def explain(ev: FailEvent, sig_observed: bool = True) -> Verdict:
             details["accept_queue_wait_ms"] = round(queue_wait / 1e6, 3)
         elif h and h.unaccepted_at_fin and h.est_ts and h.close_wait_ts >= h.est_ts:
             details["accept_queue_wait_min_ms"] = round((h.close_wait_ts - h.est_ts) / 1e6, 3)
+            if h.rst_ts > h.close_wait_ts:
+                # the RST answered something we wrote, so accept() came before it
+                details["accept_queue_wait_max_ms"] = round((h.rst_ts - h.est_ts) / 1e6, 3)
         if cause == "accepted_after_peer_closed" and h:
             if queue_wait is not None:
                 before = h.accept_ts - h.close_wait_ts
@@ -161,9 +164,13 @@ def explain(ev: FailEvent, sig_observed: bool = True) -> Verdict:
                              "(already CLOSE_WAIT)")
             else:
                 gave_up = h.close_wait_ts - h.est_ts if h.est_ts else 0
+                wait = f"at least {_ms(gave_up)}"
+                if "accept_queue_wait_max_ms" in details:
+                    wait = (f"between {_ms(gave_up)} and {_ms(h.rst_ts - h.est_ts)} (the RST "
+                            "that answered our write bounds it)")
                 parts.append(f"{peer} closed the connection {_ms(gave_up)} after the "
                              "handshake while it still waited in the accept queue (CLOSE_WAIT "
-                             f"before accept()): the queue wait was at least {_ms(gave_up)}")
+                             f"before accept()): it waited {wait}")
         if h and h.rst_state:
             rst_err = {TCP_CLOSE_WAIT: "EPIPE", TCP_SYN_SENT: "ECONNREFUSED"}.get(
                 h.rst_state, "ECONNRESET")
