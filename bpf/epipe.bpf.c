@@ -561,14 +561,16 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 #if HOOK_SERR == 1
 int kprobe__sk_stream_error(struct pt_regs *ctx, struct sock *sk, int flags, int err)
 {
-    if (ep_task_wanted(bpf_get_current_pid_tgid() >> 32))
+    /* EPIPE and ECONNRESET both enter with err == -EPIPE (ECONNRESET is the
+     * pending sk_err it substitutes); -EAGAIN etc. are not ours */
+    if (err == -EP_EPIPE && ep_task_wanted(bpf_get_current_pid_tgid() >> 32))
         ep_on_send_error(ctx, sk, flags, err, PATH_STREAM_ERR);
     return 0;
 }
 #elif HOOK_SERR == 2
 KFUNC_PROBE(sk_stream_error, struct sock *sk, int flags, int err)
 {
-    if (ep_task_wanted(bpf_get_current_pid_tgid() >> 32))
+    if (err == -EP_EPIPE && ep_task_wanted(bpf_get_current_pid_tgid() >> 32))
         ep_on_send_error(ctx, sk, flags, err, PATH_STREAM_ERR);
     return 0;
 }
@@ -951,6 +953,38 @@ static __always_inline void ep_report(void *ctx, long ret, long nr, int fd, u32 
             bpf_probe_read_kernel(&magic, sizeof(magic), &sb->s_magic);
         kind = magic == EP_PIPEFS_MAGIC ? KIND_PIPE : KIND_FIFO;
     }
+    /* what the error point and the signal generation saw, if it was this
+     * call (the caller may already hold one or both); taken before any
+     * filter returns, so a filtered-out failure's records cannot be
+     * mistaken for a later one's */
+    struct inflight fl = {};
+    u8 have_fl = 0;
+    if (fl_in) {
+        fl = *fl_in;
+        have_fl = 1;
+    } else {
+        struct inflight *inf = inflight.lookup(&tid);
+        if (inf && now - inf->ts < 1000000000ULL && (!sk || inf->sk == (u64)sk)) {
+            fl = *inf;
+            have_fl = 1;
+        }
+        if (inf)
+            inflight.delete(&tid);
+    }
+    struct sigrec sg = {};
+    u8 have_sig = 0;
+    if (sg_in) {
+        sg = *sg_in;
+        have_sig = 1;
+    } else {
+        struct sigrec *sp = sigs.lookup(&tid);
+        if (sp && now - sp->ts < 1000000000ULL) {
+            sg = *sp;
+            have_sig = 1;
+        }
+        if (sp)
+            sigs.delete(&tid);
+    }
 #if FILTER_KINDS
     if (!((FILTER_KINDS >> kind) & 1))
         return;
@@ -983,36 +1017,6 @@ static __always_inline void ep_report(void *ctx, long ret, long nr, int fd, u32 
         return;
 #endif
 
-    /* what the error point and the signal generation saw, if it was this
-     * call (the caller may already hold one or both) */
-    struct inflight fl = {};
-    u8 have_fl = 0;
-    if (fl_in) {
-        fl = *fl_in;
-        have_fl = 1;
-    } else {
-        struct inflight *inf = inflight.lookup(&tid);
-        if (inf && now - inf->ts < 1000000000ULL && (!sk || inf->sk == (u64)sk)) {
-            fl = *inf;
-            have_fl = 1;
-        }
-        if (inf)
-            inflight.delete(&tid);
-    }
-    struct sigrec sg = {};
-    u8 have_sig = 0;
-    if (sg_in) {
-        sg = *sg_in;
-        have_sig = 1;
-    } else {
-        struct sigrec *sp = sigs.lookup(&tid);
-        if (sp && now - sp->ts < 1000000000ULL) {
-            sg = *sp;
-            have_sig = 1;
-        }
-        if (sp)
-            sigs.delete(&tid);
-    }
     u8 sig_disp = sg.handler == 0 ? 0 : (sg.handler == 1 ? 1 : 2);
 
     struct unix_sock *u = 0;

@@ -79,3 +79,44 @@ def test_type_filter(tracer):
     assert "EPIPE" in scenarios.finish(sc, proc).sends
     rc, objs, _ = t.stop_json()
     assert [o["event"] for o in objs] == ["summary"] and objs[0]["total"] == 0
+
+
+FILTERED_THEN_UNIX = r"""
+import errno, signal, socket, sys
+signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+sys.stdin.readline()
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(1)
+c = socket.create_connection(srv.getsockname())
+c.shutdown(socket.SHUT_WR)
+try:
+    c.send(b"x")                     # TCP: EPIPE, and a SIGPIPE (ignored)
+except OSError as e:
+    assert e.errno == errno.EPIPE
+a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+a.shutdown(socket.SHUT_WR)
+try:
+    a.send(b"y")                     # UNIX seqpacket: EPIPE, no SIGPIPE raised
+except OSError as e:
+    assert e.errno == errno.EPIPE
+print("done", flush=True)
+"""
+
+
+def test_a_filtered_out_failure_leaves_nothing_for_the_next_one():
+    """--type unix drops the TCP failure; its SIGPIPE record must go with it,
+    not be joined to the UNIX failure that follows on the same thread."""
+    import subprocess
+    import sys
+
+    from .conftest import Tracer
+    proc = subprocess.Popen([sys.executable, "-c", FILTERED_THEN_UNIX], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    t = Tracer(["-p", str(proc.pid), "--type", "unix"])
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    assert proc.communicate(timeout=30)[0].strip() == "done"
+    rc, objs, err = t.stop_json()
+    assert rc == 0, err
+    fails = [o for o in objs if o["event"] == "broken_pipe"]
+    assert [(f["kind"], f["cause"]) for f in fails] == [("unix", "own_shutdown")]
+    assert fails[0]["sigpipe"] == "not_raised"       # not the TCP send's "ignored"
