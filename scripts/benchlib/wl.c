@@ -171,6 +171,47 @@ static double hard_deadline(double t0, double seconds)
     return t0 + 4 * seconds + 5;
 }
 
+/* The measured loop's clock, the same for every workload: started after the
+ * gate, checked after each batch, stopped (CPU taken) before any cleanup. */
+struct run {
+    double t0, end, cap, t, cpu_self;
+};
+
+static void run_start(struct run *r, double seconds)
+{
+    cpu0 = cpu_of(RUSAGE_SELF);
+    ctx_counts(&majflt0, &nivcsw0);
+    r->t0 = r->t = now();
+    r->end = r->t0 + seconds;
+    r->cap = hard_deadline(r->t0, seconds);
+}
+
+/* after a batch: time (or the iteration budget) is up */
+static int run_over(struct run *r, long done, long budget)
+{
+    r->t = now();
+    return r->t >= r->end || r->t >= r->cap || done >= budget;
+}
+
+static void run_stop(struct run *r)
+{
+    r->cpu_self = cpu_of(RUSAGE_SELF) - cpu0;
+}
+
+/* 64 send()s of size bytes, counted as ops or errors */
+static void send_batch(int c, const char *buf, int size, int flags, long *ops, long *errors,
+                       int *lasterr)
+{
+    for (int i = 0; i < 64; i++) {
+        if (send(c, buf, size, flags) < 0) {
+            (*errors)++;
+            *lasterr = errno;
+        } else {
+            (*ops)++;
+        }
+    }
+}
+
 static int do_send(double seconds, int size)
 {
     struct sockaddr_in addr;
@@ -202,27 +243,15 @@ static int do_send(double seconds, int size)
     gate();
     long ops = 0, errors = 0;
     int lasterr = 0;
-    cpu0 = cpu_of(RUSAGE_SELF);
-    ctx_counts(&majflt0, &nivcsw0);
-    double t0 = now(), end = t0 + seconds, cap = hard_deadline(t0, seconds), t = t0;
-    for (;;) {
-        for (int i = 0; i < 64; i++) {
-            ssize_t n = send(c, buf, size, 0);
-            if (n < 0) {
-                errors++;
-                lasterr = errno;
-            } else {
-                ops++;
-            }
-        }
-        t = now();
-        if (t >= end || t >= cap || ops + errors >= MAX_ITER)
-            break;
-    }
-    double cpu_self = cpu_of(RUSAGE_SELF) - cpu0;
+    struct run r;
+    run_start(&r, seconds);
+    do
+        send_batch(c, buf, size, 0, &ops, &errors, &lasterr);
+    while (!run_over(&r, ops + errors, MAX_ITER));
+    run_stop(&r);
     close(c);
     stop_child(child);
-    report("send", ops, t - t0, 0, errors, lasterr, cpu_self);
+    report("send", ops, r.t - r.t0, 0, errors, lasterr, r.cpu_self);
     return 0;
 }
 
@@ -244,32 +273,20 @@ static int do_send1(double seconds, int size)
         size = 64;
     memset(buf, 'x', size);
     gate();
-    long ops = 0, errors = 0, reads = 0;
+    long ops = 0, errors = 0;
     int lasterr = 0;
-    cpu0 = cpu_of(RUSAGE_SELF);
-    ctx_counts(&majflt0, &nivcsw0);
-    double t0 = now(), end = t0 + seconds, cap = hard_deadline(t0, seconds), t = t0;
-    for (;;) {
-        for (int i = 0; i < 64; i++) {
-            ssize_t n = send(c, buf, size, MSG_DONTWAIT);
-            if (n < 0) {
-                errors++;
-                lasterr = errno;
-            } else {
-                ops++;
-            }
-        }
+    struct run r;
+    run_start(&r, seconds);
+    do {
+        send_batch(c, buf, size, MSG_DONTWAIT, &ops, &errors, &lasterr);
         while (recv(s, rbuf, sizeof(rbuf), MSG_DONTWAIT) > 0)
-            reads++;
-        t = now();
-        if (t >= end || t >= cap || ops + errors >= MAX_ITER)
-            break;
-    }
-    double cpu_self = cpu_of(RUSAGE_SELF) - cpu0;
+            ;
+    } while (!run_over(&r, ops + errors, MAX_ITER));
+    run_stop(&r);
     close(c);
     close(s);
     close(l);
-    report("send1", ops, t - t0, 0, errors, lasterr, cpu_self);
+    report("send1", ops, r.t - r.t0, 0, errors, lasterr, r.cpu_self);
     return 0;
 }
 
@@ -279,19 +296,15 @@ static int do_syscall(double seconds)
 {
     gate();
     long ops = 0;
-    cpu0 = cpu_of(RUSAGE_SELF);
-    ctx_counts(&majflt0, &nivcsw0);
-    double t0 = now(), end = t0 + seconds, cap = hard_deadline(t0, seconds), t = t0;
-    for (;;) {
+    struct run r;
+    run_start(&r, seconds);
+    do {
         for (int i = 0; i < 256; i++)
             syscall(SYS_getppid);
         ops += 256;
-        t = now();
-        if (t >= end || t >= cap || ops >= 20 * MAX_ITER)
-            break;
-    }
-    double cpu_self = cpu_of(RUSAGE_SELF) - cpu0;
-    report("syscall", ops, t - t0, 0, 0, 0, cpu_self);
+    } while (!run_over(&r, ops, 20 * MAX_ITER));
+    run_stop(&r);
+    report("syscall", ops, r.t - r.t0, 0, 0, 0, r.cpu_self);
     return 0;
 }
 
@@ -321,9 +334,8 @@ static int do_churn(double seconds)
     gate();
     long ops = 0, errors = 0;
     int lasterr = 0;
-    cpu0 = cpu_of(RUSAGE_SELF);
-    ctx_counts(&majflt0, &nivcsw0);
-    double t0 = now(), end = t0 + seconds, cap = hard_deadline(t0, seconds), t = t0;
+    struct run r;
+    run_start(&r, seconds);
     for (;;) {
         for (int i = 0; i < 16; i++) {
             int c = dial(&addr);
@@ -344,16 +356,15 @@ static int do_churn(double seconds)
             }
             close(c);
         }
-        t = now();
-        if (t >= end || t >= cap || ops + errors >= MAX_ITER)
+        if (run_over(&r, ops + errors, MAX_ITER))
             break;
         if (errors > 1000 && errors > ops)
             break;         /* something is wrong (ports exhausted?): stop early */
     }
-    double cpu_self = cpu_of(RUSAGE_SELF) - cpu0;
+    run_stop(&r);
     stop_child(child);
     close(l);
-    report("churn", ops, t - t0, 0, errors, lasterr, cpu_self);
+    report("churn", ops, r.t - r.t0, 0, errors, lasterr, r.cpu_self);
     return 0;
 }
 
@@ -375,10 +386,9 @@ static int do_storm(double seconds)
     char buf[1] = {'s'};
     long ops = 0, epipe = 0, errors = 0;
     int lasterr = 0;
-    cpu0 = cpu_of(RUSAGE_SELF);
-    ctx_counts(&majflt0, &nivcsw0);
-    double t0 = now(), end = t0 + seconds, cap = hard_deadline(t0, seconds), t = t0;
-    for (;;) {
+    struct run r;
+    run_start(&r, seconds);
+    do {
         for (int i = 0; i < 64; i++) {
             ssize_t n = send(c, buf, 1, 0);
             ops++;
@@ -391,15 +401,12 @@ static int do_storm(double seconds)
                 }
             }
         }
-        t = now();
-        if (t >= end || t >= cap || ops >= MAX_ITER)
-            break;
-    }
-    double cpu_self = cpu_of(RUSAGE_SELF) - cpu0;
+    } while (!run_over(&r, ops, MAX_ITER));
+    run_stop(&r);
     close(c);
     close(s);
     close(l);
-    report("storm", ops, t - t0, epipe, errors, lasterr, cpu_self);
+    report("storm", ops, r.t - r.t0, epipe, errors, lasterr, r.cpu_self);
     return 0;
 }
 
