@@ -87,26 +87,6 @@ def proc_cpu(pid: int) -> float | None:
         return None
 
 
-def prog_ids(pid: int) -> list[int]:
-    """BPF program ids held open by a process (from /proc/PID/fdinfo)."""
-    ids = []
-    d = f"/proc/{pid}/fdinfo"
-    try:
-        names = os.listdir(d)
-    except OSError:
-        return ids
-    for n in names:
-        try:
-            with open(os.path.join(d, n)) as f:
-                for line in f:
-                    if line.startswith("prog_id:"):
-                        ids.append(int(line.split()[1]))
-                        break
-        except OSError:
-            continue
-    return sorted(set(ids))
-
-
 def _kill(p: subprocess.Popen, grace: float = 3.0) -> None:
     if p.poll() is not None:
         return
