@@ -208,17 +208,13 @@ def _decl_names(body: str) -> set[str]:
     m = _DEF_TAG_RE.match(body)
     if m:
         names.add(f"{m.group(1)} {m.group(2)}")
-    if body.startswith("typedef") and "{" not in body:
-        fm = _FNPTR_TYPEDEF_RE.search(body) or _FN_TYPEDEF_RE.match(body)
-        tm = _TYPEDEF_NAME_RE.search(body)
-        if fm:
-            names.add(fm.group(1))
-        elif tm:
-            names.add(tm.group(1))
-    elif body.startswith("typedef"):
-        tm = _TYPEDEF_NAME_RE.search(body)
-        if tm:
-            names.add(tm.group(1))
+    if body.startswith("typedef"):
+        # a function (pointer) typedef names itself before its parameters;
+        # any other typedef, struct bodies included, names itself last
+        fn = "{" not in body and (_FNPTR_TYPEDEF_RE.search(body) or _FN_TYPEDEF_RE.match(body))
+        m = fn or _TYPEDEF_NAME_RE.search(body)
+        if m:
+            names.add(m.group(1))
     return names
 
 
