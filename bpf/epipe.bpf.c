@@ -1202,23 +1202,23 @@ static __always_inline void ep_report(void *ctx, long ret, long nr, int fd, u32 
     events.ringbuf_submit(e, 0);
     ep_stat_inc(0);
 }
+/* ep_syscall_args for the current task, from its saved user registers
+ * (where no syscall hook hands them over); nr -1 for a kernel thread */
+static __always_inline void ep_current_syscall(long *nr, int *fd, u32 *flags)
+{
+    struct task_struct *t = (struct task_struct *)bpf_get_current_task_btf();
+    unsigned int fl = 0;
+    *nr = -1;
+    *fd = -1;
+    *flags = 0;
+    bpf_probe_read_kernel(&fl, sizeof(fl), &t->flags);
+    if (fl & 0x00200000)               /* PF_KTHREAD: no user registers */
+        return;
+    ep_syscall_args((struct pt_regs *)bpf_task_pt_regs(t), nr, fd, flags);
+}
 #endif  /* a report point */
 
 /* ---- report sources ---------------------------------------------------------- */
-
-static __always_inline struct pt_regs *ep_user_regs(void)
-{
-    struct task_struct *t = (struct task_struct *)bpf_get_current_task_btf();
-    return (struct pt_regs *)bpf_task_pt_regs(t);
-}
-
-static __always_inline int ep_is_kthread(void)
-{
-    struct task_struct *t = (struct task_struct *)bpf_get_current_task();
-    unsigned int fl = 0;
-    bpf_probe_read_kernel(&fl, sizeof(fl), &t->flags);
-    return (fl & 0x00200000) != 0;    /* PF_KTHREAD: no user registers */
-}
 
 #if HOOK_SERR == 4 || REPORT_SENDLEN
 RAW_TRACEPOINT_PROBE(sock_send_length)
@@ -1232,11 +1232,10 @@ RAW_TRACEPOINT_PROBE(sock_send_length)
 #if REPORT_SENDLEN
     if (!sk)
         return 0;
-    long nr = -1;
-    int fd = -1;
-    u32 flags = 0;
-    if (!ep_is_kthread())
-        ep_syscall_args(ep_user_regs(), &nr, &fd, &flags);
+    long nr;
+    int fd;
+    u32 flags;
+    ep_current_syscall(&nr, &fd, &flags);
 #if HOOK_SERR == 4
     struct inflight fl = {};
     ep_inflight_fill(ctx, &fl, sk, flags, ret, PATH_SEND_LENGTH);
@@ -1275,16 +1274,14 @@ static __always_inline void ep_on_sigpipe(void *ctx, struct task_struct *target,
     if (sh)
         bpf_probe_read_kernel(&s.handler, sizeof(s.handler), &sh->action[EP_SIGPIPE - 1].sa.sa_handler);
 #if REPORT_PIPE_SIG
-    if (!ep_is_kthread()) {
-        long nr = -1;
-        int fd = -1;
-        u32 flags = 0;
-        ep_syscall_args(ep_user_regs(), &nr, &fd, &flags);
-        struct file *f = nr >= 0 ? ep_fd_file(fd) : 0;
-        if (f && (ep_file_mode(f) & EP_S_IFMT) == EP_S_IFIFO) {
-            ep_report(ctx, -EP_EPIPE, nr, fd, flags, f, 0, 0, &s);
-            return;
-        }
+    long nr;
+    int fd;
+    u32 flags;
+    ep_current_syscall(&nr, &fd, &flags);
+    struct file *f = nr >= 0 ? ep_fd_file(fd) : 0;
+    if (f && (ep_file_mode(f) & EP_S_IFMT) == EP_S_IFIFO) {
+        ep_report(ctx, -EP_EPIPE, nr, fd, flags, f, 0, 0, &s);
+        return;
     }
 #endif
     sigs.update(&tid, &s);
