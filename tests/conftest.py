@@ -80,6 +80,13 @@ def tracer():
             t.proc.wait()
 
 
+def gated_python(code: str) -> subprocess.Popen:
+    """A Python child running ``code``, which starts with sys.stdin.readline():
+    it waits there until tracer.scenarios.release() lets it go."""
+    return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+
+
 def our_prog_ids() -> set[int]:
     """BPF programs loaded right now whose names are ours."""
     out = subprocess.run(["bpftool", "prog", "list", "--json"], capture_output=True, text=True)

@@ -14,7 +14,7 @@ import pytest
 
 from tracer import scenarios
 
-from .conftest import ROOT, Tracer
+from .conftest import ROOT, Tracer, gated_python
 
 PY = [sys.executable, "-m", "tracer"]
 
@@ -233,11 +233,9 @@ print(n)
 @pytest.mark.bpf
 def test_lost_events_are_reported_and_summary_stays_exact():
     """A one-page ring buffer cannot keep up with an EPIPE storm."""
-    proc = subprocess.Popen([sys.executable, "-c", STORM], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc = gated_python(STORM)
     t = Tracer(["-p", str(proc.pid), "--buffer-pages", "1"])
-    proc.stdin.write("go\n")
-    proc.stdin.flush()
+    scenarios.release(proc)
     epipes = int(proc.communicate(timeout=60)[0])
     rc, objs, err = t.stop_json()
     assert rc == 0, err
@@ -279,12 +277,10 @@ def test_ctrl_c_and_live_loss_reports_work_during_a_storm():
     kill it, so a captured consumer shows up as a hang, not as a slow stop)."""
     storm = STORM.replace("time.monotonic() + 0.5", "time.monotonic() + 120").replace(
         "n < 200000", "True")
-    proc = subprocess.Popen([sys.executable, "-c", storm], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc = gated_python(storm)
     try:
         t = Tracer(["-p", str(proc.pid), "--buffer-pages", "1"])
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
+        scenarios.release(proc)
         time.sleep(1.5)
         assert proc.poll() is None                      # the storm is going
         t.proc.send_signal(signal.SIGINT)
@@ -392,8 +388,7 @@ def test_summary_stays_exact_when_the_remote_table_fills():
     from tracer.program import Filters, ProgramOptions
     from tracer.session import Session, SessionOptions, prepare
 
-    proc = subprocess.Popen([sys.executable, "-c", MANY_REMOTES], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc = gated_python(MANY_REMOTES)
     opts = SessionOptions(filters=Filters(pids=[proc.pid]), json=True,
                           program=ProgramOptions(count_entries=4))
     _caps, tree, plan = prepare(opts)
@@ -402,8 +397,7 @@ def test_summary_stays_exact_when_the_remote_table_fills():
     result = {}
 
     def drive():
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
+        scenarios.release(proc)
         result["epipes"] = int(proc.communicate(timeout=60)[0])
         sess.request_stop("workload done")
 

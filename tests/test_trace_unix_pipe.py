@@ -7,6 +7,7 @@ import pytest
 
 from tracer import scenarios
 
+from .conftest import Tracer, gated_python
 from .test_trace_tcp import run_traced
 
 pytestmark = pytest.mark.bpf
@@ -105,15 +106,9 @@ print("done", flush=True)
 def test_a_filtered_out_failure_leaves_nothing_for_the_next_one():
     """--type unix drops the TCP failure; its SIGPIPE record must go with it,
     not be joined to the UNIX failure that follows on the same thread."""
-    import subprocess
-    import sys
-
-    from .conftest import Tracer
-    proc = subprocess.Popen([sys.executable, "-c", FILTERED_THEN_UNIX], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc = gated_python(FILTERED_THEN_UNIX)
     t = Tracer(["-p", str(proc.pid), "--type", "unix"])
-    proc.stdin.write("go\n")
-    proc.stdin.flush()
+    scenarios.release(proc)
     assert proc.communicate(timeout=30)[0].strip() == "done"
     rc, objs, err = t.stop_json()
     assert rc == 0, err
