@@ -198,6 +198,41 @@ static void run_stop(struct run *r)
     r->cpu_self = cpu_of(RUSAGE_SELF) - cpu0;
 }
 
+/* a listener, and a child process (0 returned in it, guarded by
+ * child_guard) to serve it; the parent gets the child's pid */
+static pid_t fork_server(int *l, struct sockaddr_in *addr, double seconds)
+{
+    *l = listener(addr);
+    pid_t child = fork();
+    if (child < 0)
+        die("fork");
+    if (child == 0)
+        child_guard(seconds);
+    return child;
+}
+
+/* a listener and both ends of one loopback connection, all in this process */
+static void loopback_pair(int *l, int *c, int *s)
+{
+    struct sockaddr_in addr;
+    *l = listener(&addr);
+    *c = dial(&addr);
+    if (*c < 0)
+        die("connect");
+    *s = accept(*l, NULL, NULL);
+    if (*s < 0)
+        die("accept");
+}
+
+/* the payload of the send workloads: size bytes (64 when out of range) */
+static int fill_buffer(char *buf, int cap, int size)
+{
+    if (size < 1 || size > cap)
+        size = 64;
+    memset(buf, 'x', size);
+    return size;
+}
+
 /* 64 send()s of size bytes, counted as ops or errors */
 static void send_batch(int c, const char *buf, int size, int flags, long *ops, long *errors,
                        int *lasterr)
@@ -215,12 +250,9 @@ static void send_batch(int c, const char *buf, int size, int flags, long *ops, l
 static int do_send(double seconds, int size)
 {
     struct sockaddr_in addr;
-    int l = listener(&addr);
-    pid_t child = fork();
-    if (child < 0)
-        die("fork");
+    int l;
+    pid_t child = fork_server(&l, &addr, seconds);
     if (child == 0) {
-        child_guard(seconds);
         /* drain: accept one connection, read until EOF (or killed) */
         int s = accept(l, NULL, NULL);
         if (s < 0)
@@ -237,9 +269,7 @@ static int do_send(double seconds, int size)
     if (c < 0)
         die("connect");
     char buf[65536];
-    if (size < 1 || size > (int)sizeof(buf))
-        size = 64;
-    memset(buf, 'x', size);
+    size = fill_buffer(buf, sizeof(buf), size);
     gate();
     long ops = 0, errors = 0;
     int lasterr = 0;
@@ -260,18 +290,10 @@ static int do_send(double seconds, int size)
  * interplay between sender and receiver blurs the per-syscall cost */
 static int do_send1(double seconds, int size)
 {
-    struct sockaddr_in addr;
-    int l = listener(&addr);
-    int c = dial(&addr);
-    if (c < 0)
-        die("connect");
-    int s = accept(l, NULL, NULL);
-    if (s < 0)
-        die("accept");
+    int l, c, s;
+    loopback_pair(&l, &c, &s);
     static char buf[65536], rbuf[1 << 18];
-    if (size < 1 || size > (int)sizeof(buf))
-        size = 64;
-    memset(buf, 'x', size);
+    size = fill_buffer(buf, sizeof(buf), size);
     gate();
     long ops = 0, errors = 0;
     int lasterr = 0;
@@ -311,12 +333,9 @@ static int do_syscall(double seconds)
 static int do_churn(double seconds)
 {
     struct sockaddr_in addr;
-    int l = listener(&addr);
-    pid_t child = fork();
-    if (child < 0)
-        die("fork");
+    int l;
+    pid_t child = fork_server(&l, &addr, seconds);
     if (child == 0) {
-        child_guard(seconds);
         char b[64];
         for (;;) {
             int s = accept(l, NULL, NULL);
@@ -370,14 +389,8 @@ static int do_churn(double seconds)
 
 static int do_storm(double seconds)
 {
-    struct sockaddr_in addr;
-    int l = listener(&addr);
-    int c = dial(&addr);
-    if (c < 0)
-        die("connect");
-    int s = accept(l, NULL, NULL);
-    if (s < 0)
-        die("accept");
+    int l, c, s;
+    loopback_pair(&l, &c, &s);
     signal(SIGPIPE, SIG_IGN);
     gate();
     /* after the gate, so a tracer sees our own shutdown() */
