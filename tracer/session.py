@@ -248,8 +248,7 @@ class Session:
                     raise self.callback_error
                 self._check_lost()
                 if self._stop_requested:
-                    self._drain()
-                    raise Stop(self._stop_requested)
+                    raise Stop(self._stop_requested)     # _finish drains
                 if deadline and time.monotonic() >= deadline:
                     raise Stop("duration")
                 if targets and not any(pid_alive(p) for p in targets):
