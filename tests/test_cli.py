@@ -349,12 +349,32 @@ def test_no_tracefs_and_no_way_to_mount_it(tmp_path):
 
 
 @pytest.mark.bpf
+def _holds_bpf_map(pid: int) -> bool:
+    for p in Path(f"/proc/{pid}/fdinfo").iterdir():
+        try:
+            if "map_id:" in p.read_text():
+                return True
+        except OSError:
+            pass
+    return False
+
+
 def test_target_exiting_during_start_up_is_an_error():
-    short = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.8)"])
-    r = run("-p", str(short.pid))
-    short.wait()
-    # depending on when it died: refused up front, or noticed once loaded
-    assert_one_line_error(r, 2, str(short.pid))
+    """The target dies while the probes are being loaded: bcc creates the maps
+    before it loads and attaches the programs, so the target is killed once
+    the tool holds a map (a sleep-based target raced the faster start-up)."""
+    target = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    tool = subprocess.Popen([*PY, "-p", str(target.pid)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not _holds_bpf_map(tool.pid):
+        assert tool.poll() is None and time.monotonic() < deadline, tool.communicate()
+        time.sleep(0.002)
+    target.kill()
+    target.wait()
+    out, err = tool.communicate(timeout=60)
+    r = subprocess.CompletedProcess(tool.args, tool.returncode, out, err)
+    assert_one_line_error(r, 2, str(target.pid))
     assert "exited" in r.stderr
 
 
