@@ -305,7 +305,7 @@ def summarize(counts: list[tuple[Facts, Endpoint, int]], stats: list[int],
         by_remote[REMOTE_TABLE_FULL] += missing
     return Summary(by_cause, by_fate, by_remote, total,
                    lost=stats[1], killed=stats[4], counter_overflow=stats[2],
-                   remote_overflow=stats[6] if len(stats) > 6 else 0)
+                   remote_overflow=stats[6])
 
 
 def summary_text(s: Summary) -> str:
