@@ -83,9 +83,9 @@ HOOKS: tuple[HookSpec, ...] = (
              "failing sends cannot be seen", essential=True),
     HookSpec("accept", "HOOK_ACCEPT", "accept() returns a socket",
              (Candidate(TRACEPOINT, "syscalls:sys_exit_accept4", ("ret",)),),
-             "the accept-queue wait is known only from below (the peer's FIN came while "
-             "the connection was still unaccepted); 'accepted after the peer closed' "
-             "is still named"),
+             "the accept-queue wait is bracketed, not measured (after the peer's FIN, "
+             "which came while the connection was unaccepted; before the RST that "
+             "answered our write); 'accepted after the peer closed' is still named"),
     HookSpec("shutdown", "HOOK_SHUT", "our own shutdown()",
              (Candidate(TRACEPOINT, "syscalls:sys_enter_shutdown", ("fd", "how")),),
              "our shutdown() is inferred (TCP: the FIN we sent while the socket was "
