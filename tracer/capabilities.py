@@ -168,17 +168,20 @@ def _kprobes_available(tracefs: str | None, config: dict[str, str]) -> tuple[boo
     return False, "no kprobe PMU and no kprobe_events in tracefs"
 
 
-def _kallsyms_text() -> set[str]:
-    names = set()
+def _kallsyms_text(wanted) -> set[str] | None:
+    """Which of ``wanted`` are text symbols (None when kallsyms is unreadable).
+    Only the wanted names are kept: all of them would be ~150k strings."""
+    wanted, names, lines = set(wanted), set(), 0
     try:
         with open("/proc/kallsyms") as f:
             for line in f:
+                lines += 1
                 parts = line.split()
-                if len(parts) >= 3 and parts[1] in ("t", "T"):
+                if len(parts) >= 3 and parts[1] in ("t", "T") and parts[2] in wanted:
                     names.add(parts[2])
     except OSError:
-        pass
-    return names
+        return None
+    return names if lines else None
 
 
 def _kprobe_blacklist() -> set[str]:
@@ -297,11 +300,11 @@ def detect(try_fentry: bool = True) -> KernelCapabilities:
             fields = _tracepoint_fields(tracefs, cat, name)
             if fields is not None:
                 caps.tracepoints[f"{cat}:{name}"] = fields
-    ksyms = _kallsyms_text()
+    ksyms = _kallsyms_text(FUNCTIONS)
     blacklist = _kprobe_blacklist()
     for fn in FUNCTIONS:
         sig: FuncSignature | None = btf.func(fn) if btf else None
-        present = fn in ksyms if ksyms else sig is not None
+        present = fn in ksyms if ksyms is not None else sig is not None
         if not present or fn in blacklist:
             caps.functions[fn] = None
         else:
