@@ -26,9 +26,9 @@ def pytest_collection_modifyitems(config, items):
 class Tracer:
     """`python -m tracer ARGS` in the background, ready once it says 'tracing'."""
 
-    def __init__(self, args: list[str], json_mode: bool = True):
+    def __init__(self, args: list[str], json_mode: bool = True, env: dict | None = None):
         self.args = (["--json"] if json_mode else []) + args
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.proc = subprocess.Popen([sys.executable, "-m", "tracer", *self.args], cwd=ROOT,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         self.stderr_lines: list[str] = []
@@ -68,8 +68,8 @@ class Tracer:
 def tracer():
     started: list[Tracer] = []
 
-    def _start(*args: str, json_mode: bool = True) -> Tracer:
-        t = Tracer(list(args), json_mode)
+    def _start(*args: str, json_mode: bool = True, env: dict | None = None) -> Tracer:
+        t = Tracer(list(args), json_mode, env)
         started.append(t)
         return t
 

@@ -100,8 +100,9 @@ def test_python_layouts_match_what_bcc_compiled(tmp_path):
     tree = headers.prepare(caps)
     loaded = loader.load(tree, plan.make_plan(caps), program.Filters())
     try:
-        assert ctypes.sizeof(loaded.bpf["counts"].Key) == ctypes.sizeof(RawCountKey)
-        assert ctypes.sizeof(loaded.bpf["zero_event"].Leaf) == ctypes.sizeof(RawEvent)
+        # the sizes the kernel created the maps with
+        assert loaded.maps["counts"].key_size == ctypes.sizeof(RawCountKey)
+        assert loaded.maps["zero_event"].value_size == ctypes.sizeof(RawEvent)
     finally:
         loaded.detach()
 

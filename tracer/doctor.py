@@ -38,6 +38,10 @@ def run_doctor(as_json: bool, load_program: bool, prefer: str | None,
             load_info = {"attempted": True, "ok": True,
                          "header": ("complete vmlinux.h (the cut one failed)"
                                     if loaded.full_vmlinux else "as prepared"),
+                         "compiled": ("cached" if loaded.compiled.cached else "now"),
+                         "compile_seconds": round(loaded.compile_seconds, 3),
+                         "compile_helper_peak_kb": loaded.compiled.helper_peak_kb,
+                         "program_cache_key": loaded.compiled.key,
                          "compile_load_attach_seconds": round(attached, 3),
                          "detach_seconds": round(time.monotonic() - t2, 3)}
         except LoadError as e:
@@ -87,6 +91,14 @@ def run_doctor(as_json: bool, load_program: bool, prefer: str | None,
         click.echo()
         if load_info.get("attempted"):
             if load_info["ok"]:
+                if load_info["compiled"] == "cached":
+                    click.echo("program: compiled before, read from the cache (no compiler "
+                               "in this process)")
+                else:
+                    click.echo(f"program: compiled now by a helper process in "
+                               f"{load_info['compile_seconds']:.3f} s (helper peak RSS "
+                               f"{load_info['compile_helper_peak_kb'] / 1024:.0f} MB); cached "
+                               "for the next start")
                 click.echo(f"compile + load + attach: {load_info['compile_load_attach_seconds']:.3f} s; "
                            f"detach: {load_info['detach_seconds']:.3f} s")
             else:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -69,21 +70,28 @@ class HeaderTree:
 # --- what bcc defines itself --------------------------------------------------
 
 def libbcc_path() -> Path | None:
-    """The libbcc.so the bcc module loaded (or would load)."""
+    """The libbcc.so the bcc module would load ("libbcc.so.0" through the
+    dynamic loader), found without loading it: loading it maps LLVM."""
     try:
-        import bcc.libbcc  # noqa: F401  (loads the library into this process)
-    except Exception:
-        pass
-    try:
-        for line in open("/proc/self/maps"):
+        for line in open("/proc/self/maps"):     # already loaded (the compile helper)
             if "libbcc.so" in line and "libbcc_bpf" not in line:
                 return Path(line.split()[-1])
     except OSError:
         pass
+    try:
+        out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True,
+                             timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    arch = "x86-64" if platform.machine() == "x86_64" else platform.machine()
+    for line in out.splitlines():
+        name, _, rest = line.strip().partition(" (")
+        if name == "libbcc.so.0" and "=>" in rest and (arch in rest or "x86-64" not in rest):
+            return Path(rest.split("=>", 1)[1].strip()).resolve()
     for cand in ("/usr/lib/x86_64-linux-gnu/libbcc.so.0", "/usr/lib/aarch64-linux-gnu/libbcc.so.0",
                  "/usr/lib64/libbcc.so.0", "/usr/lib/libbcc.so.0"):
         if Path(cand).exists():
-            return Path(cand)
+            return Path(cand).resolve()
     return None
 
 

@@ -1,57 +1,101 @@
-"""Compile, load and attach the program through bcc; detach on every exit.
+"""Create the maps, load the compiled functions and attach them; detach on
+every exit.
 
-bcc is imported here and only here, after tracefs is mounted and
-``BCC_KERNEL_SOURCE`` points at the header tree, because bcc reads both when
-it is imported or when it compiles.
+No LLVM here: the program comes compiled (``compiler``, from the cache or a
+helper process) and everything below goes through libbcc_bpf (``bpfsys``).
+Which function attaches where follows bcc's naming, so the C reads as any
+bcc program: ``kprobe__FN``, ``tracepoint__CAT__EVENT``,
+``raw_tracepoint__EVENT``; ``ep_pipe_write`` goes to each pipe-write function
+the plan found (their names differ between kernels).
 """
 from __future__ import annotations
 
-import atexit
 import ctypes
 import os
 import tempfile
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
-from .headers import FULL_VMLINUX_DEFINE, HeaderTree
+from . import bpfsys
+from .bpfsys import BpfError
+from .compiler import CompileError, Compiled, compile_program
+from .headers import HeaderTree
 from .plan import ProbePlan
 from .program import Filters, ProgramOptions, render
 
 
 class LoadError(Exception):
-    """bcc could not compile, load or attach the program."""
+    """The program could not be compiled, loaded or attached."""
 
 
 @dataclass
 class Loaded:
-    bpf: object                  # bcc.BPF
-    compile_seconds: float
+    compiled: Compiled
+    maps: dict[str, bpfsys.Map]
     text: str
-    full_vmlinux: bool = False   # the cut vmlinux.h failed and the complete one was used
+    seconds: float                       # compile (or cache read) + load + attach
+    prog_fds: list[int] = field(default_factory=list)
+    attachments: list[bpfsys.Attachment] = field(default_factory=list)
+    ring: bpfsys.RingBuffer | None = None
+    attached: bool = True
+
+    @property
+    def full_vmlinux(self) -> bool:      # the cut vmlinux.h failed and the complete one was used
+        return self.compiled.full_vmlinux
+
+    @property
+    def compile_seconds(self) -> float:
+        return self.compiled.compile_seconds
 
     def detach(self) -> None:
-        """Detach every probe and free every map. Safe to call twice."""
-        b, self.bpf = self.bpf, None
-        if b is not None:
-            # bcc registers cleanup() with atexit too, and a second run of it
-            # fails on tracepoints already detached: run it once, here
-            atexit.unregister(b.cleanup)
-            b.cleanup()
+        """Detach every probe, close every program and map. Safe to call twice."""
+        if not self.attached:
+            return
+        self.attached = False
+        for a in self.attachments:
+            try:
+                a.close()
+            except OSError:
+                pass
+        if self.ring is not None:
+            self.ring.close()
+        for fd in self.prog_fds:
+            os.close(fd)
+        for m in self.maps.values():
+            m.close()
+        self.attachments, self.prog_fds, self.ring = [], [], None
+
+    def open_ring_buffer(self, callback) -> None:
+        self.ring = bpfsys.RingBuffer(self.maps["events"].fd, callback)
 
     def counts(self, table: str = "counts") -> list[tuple[bytes, int]]:
         """``counts``: exact, by facts; ``counts_remote``: by remote endpoint too."""
-        return [(bytes(k), v.value) for k, v in self.bpf[table].items()]
+        return [(k, int.from_bytes(v[:8], "little")) for k, v in self.maps[table].items()]
 
     def stats(self) -> list[int]:
         """Per-stat sums over CPUs (see the stats map in bpf/epipe.bpf.c)."""
-        t = self.bpf["stats"]
-        return [sum(t[ctypes.c_int(i)]) for i in range(8)]
+        t = self.maps["stats"]
+        return [sum(int.from_bytes(v[:8], "little")
+                    for v in t.percpu(bytes(ctypes.c_int(i))))
+                for i in range(8)]
+
+    def stack(self, stack_id: int) -> list[int]:
+        """The addresses of one stack in the stacks map (innermost first)."""
+        raw = self.maps["stacks"].lookup(bytes(ctypes.c_int(stack_id)))
+        if raw is None:
+            return []
+        out = []
+        for i in range(0, len(raw), 8):
+            a = int.from_bytes(raw[i:i + 8], "little")
+            if a == 0:
+                break
+            out.append(a)
+        return out
 
 
 class _CapturedStderr:
-    """bcc prints clang's diagnostics straight to fd 2: keep them off the
-    user's screen, but keep the errors to explain a failed compile."""
+    """libbcc_bpf prints a refused program's verifier log straight to fd 2:
+    keep it off the user's screen, but keep it to explain the refusal."""
 
     def __enter__(self):
         self.file = tempfile.TemporaryFile()
@@ -67,112 +111,97 @@ class _CapturedStderr:
         self.file.close()
         return False
 
-    def errors(self, limit: int = 6) -> str:
-        lines = [ln for ln in self.text.splitlines() if "error" in ln.lower()]
-        return "\n".join(lines[:limit])
+    def tail(self, limit: int = 6) -> str:
+        return "\n".join(self.text.strip().splitlines()[-limit:])
 
 
-_COMPILER_LIBS = ("libbcc.so", "libLLVM", "libclang")
-_MADV_DONTNEED = 4
+def attach_points(plan: ProbePlan, name: str) -> list[tuple[str, str]]:
+    """Where one compiled function attaches, as (kind, target) pairs."""
+    if name.startswith("kprobe__"):
+        return [("kprobe", name[len("kprobe__"):])]
+    if name.startswith("tracepoint__"):
+        cat, _, ev = name[len("tracepoint__"):].partition("__")
+        return [("tracepoint", f"{cat}:{ev}")]
+    if name.startswith("raw_tracepoint__"):
+        return [("raw_tracepoint", name[len("raw_tracepoint__"):])]
+    if name == "ep_pipe_write":
+        return [("kprobe", fn) for c in plan.choices
+                if c.hook.name == "pipe_write_error" and c.mechanism == "kprobe"
+                for fn in c.target.split(",")]
+    return []
 
 
-def release_compiler_memory() -> int:
-    """Give back what compiling cost once the program is loaded; returns the
-    number of mappings released.
+_PROG_TYPE = {"kprobe": bpfsys.PROG_KPROBE, "tracepoint": bpfsys.PROG_TRACEPOINT,
+              "raw_tracepoint": bpfsys.PROG_RAW_TRACEPOINT}
 
-    bcc's embedded clang/LLVM leaves ~40 MB of freed heap and ~75 MB of
-    touched library pages behind. malloc_trim returns the heap. Library
-    mappings are dropped with MADV_DONTNEED only where that is lossless:
-    read-only mappings with no anonymous (copy-on-write) pages, which refault
-    from the file if ever used again. RELRO pages hold relocated pointers and
-    do have anonymous pages, so they are kept.
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
+
+def _attach(kind: str, target: str, fd: int) -> bpfsys.Attachment:
+    if kind == "kprobe":
+        return bpfsys.attach_kprobe(fd, target)
+    if kind == "tracepoint":
+        return bpfsys.attach_tracepoint(fd, *target.split(":", 1))
+    return bpfsys.attach_raw_tracepoint(fd, target)
+
+
+def _load_and_attach(c: Compiled, plan: ProbePlan, text: str, t0: float) -> Loaded:
+    maps: dict[str, bpfsys.Map] = {}
+    loaded = Loaded(c, maps, text, 0.0)
     try:
-        libc.malloc_trim(0)
-    except AttributeError:          # not glibc
-        pass
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    released, cur = 0, None
-    try:
-        smaps = open("/proc/self/smaps").read().splitlines()
-    except OSError:
-        return 0
-    for line in smaps:
-        parts = line.split()
-        if not parts:
-            continue
-        if "-" in parts[0] and not parts[0].endswith(":"):
-            cur = None
-            if (len(parts) >= 6 and "w" not in parts[1]
-                    and any(lib in parts[5] for lib in _COMPILER_LIBS)):
-                lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                cur = (lo, hi)
-        elif parts[0] == "Anonymous:" and cur is not None:
-            if int(parts[1]) == 0 and libc.madvise(cur[0], cur[1] - cur[0], _MADV_DONTNEED) == 0:
-                released += 1
-            cur = None
-    return released
+        for m in c.maps:
+            maps[m.name] = bpfsys.Map(m.name, m.type, m.key_size, m.value_size,
+                                      m.max_entries, m.flags)
+        fds = [maps[m.name].fd for m in c.maps]
+        for f in c.funcs:
+            points = attach_points(plan, f.name)
+            if not points:
+                continue
+            fd = bpfsys.load_program(_PROG_TYPE[points[0][0]], f.name, c.relocated(f, fds),
+                                     c.license, c.kern_version)
+            loaded.prog_fds.append(fd)
+            for kind, target in points:
+                loaded.attachments.append(_attach(kind, target, fd))
+    except BaseException:
+        loaded.detach()
+        raise
+    loaded.seconds = time.monotonic() - t0
+    return loaded
 
 
 def load(tree: HeaderTree, plan: ProbePlan, filters: Filters,
-         opts: ProgramOptions | None = None) -> Loaded:
+         opts: ProgramOptions | None = None, use_cache: bool = True) -> Loaded:
     opts = opts or ProgramOptions()
     text = render(plan, filters, opts)
-    if tree.kind == "btf-generated":
-        os.environ["BCC_KERNEL_SOURCE"] = tree.path
-    else:
-        # real headers: let bcc find /lib/modules/<release>/{build,source}
-        # itself; naming build alone hides the source half of Debian's split
-        # headers (kconfig.h not found)
-        os.environ.pop("BCC_KERNEL_SOURCE", None)
     t0 = time.monotonic()
-    from bcc import BPF  # import only once BCC_KERNEL_SOURCE is set
-    err = None
-    b = None
-    # a generated tree's vmlinux.h is cut to what this program reaches; the
-    # complete one is the fallback should the cut ever miss a type
-    variants = [[]]
-    if tree.kind == "btf-generated" and (Path(tree.path) / "include/epipe/vmlinux-full.h").exists():
-        variants.append([FULL_VMLINUX_DEFINE])
-    for extra in variants:
-        err = None
-        with _CapturedStderr() as cap:
-            try:
-                b = BPF(text=text, cflags=["-Wno-everything", *extra])
-            except Exception as e:  # bcc raises bare Exception on compile/load/attach errors
-                err = e
-        if os.environ.get("EPIPE_TRACE_DEBUG"):
-            os.write(2, cap.text.encode())
-        if err is None:
-            break
+    try:
+        c = compile_program(tree, text, reuse=use_cache)
+    except CompileError as e:
+        raise LoadError(f"bcc could not compile the program: {e}") from e
+    with _CapturedStderr() as cap:
+        try:
+            loaded = _load_and_attach(c, plan, text, t0)
+        except BpfError as e:
+            err = e
+        else:
+            err = None
+    if os.environ.get("EPIPE_TRACE_DEBUG"):
+        os.write(2, cap.text.encode())
+    if err is not None and c.cached:
+        # a cached program the kernel refuses (it changed under the same
+        # release string?): compile afresh once before giving up
+        return load(tree, plan, filters, opts, use_cache=False)
     if err is not None:
-        detail = cap.errors()
-        raise LoadError(f"bcc could not compile/load the program ({err})"
-                        + (f":\n{detail}" if detail else ""))
-    # hooks whose kernel function differs between versions are attached here,
-    # to each function the plan found (the rest attach by their names)
-    for c in plan.choices:
-        if c.hook.name == "pipe_write_error" and c.mechanism == "kprobe":
-            for fn in c.target.split(","):
-                try:
-                    b.attach_kprobe(event=fn, fn_name="ep_pipe_write")
-                except Exception as e:  # noqa: BLE001
-                    b.cleanup()
-                    raise LoadError(f"could not attach a kprobe to {fn}: {e}") from e
-    loaded = Loaded(b, time.monotonic() - t0, text, full_vmlinux=bool(extra))
-    if not os.environ.get("EPIPE_TRACE_KEEP_COMPILER"):
-        release_compiler_memory()
+        detail = cap.tail()
+        raise LoadError(f"could not load the program ({err})" + (f":\n{detail}" if detail else ""))
     try:
         if filters.pids:
-            t = b["target_pids"]
+            t = loaded.maps["target_pids"]
             for pid in filters.pids:
-                t[ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
+                t.update(bytes(ctypes.c_uint32(pid)), b"\x01")
         for name, ports in (("lports", filters.lports), ("dports", filters.dports)):
             if ports:
-                t = b[name]
+                t = loaded.maps[name]
                 for p in ports:
-                    t[ctypes.c_uint16(p)] = ctypes.c_uint8(1)
+                    t.update(bytes(ctypes.c_uint16(p)), b"\x01")
     except BaseException:
         loaded.detach()
         raise

@@ -126,9 +126,9 @@ class Session:
         self._poll_cut = False
         self._poll_started = time.monotonic()
         if timeout_ms is None:
-            self.loaded.bpf.ring_buffer_consume()
+            self.loaded.ring.consume()
         else:
-            self.loaded.bpf.ring_buffer_poll(timeout_ms)
+            self.loaded.ring.poll(timeout_ms)
 
     def _drain(self, seconds: float = 0.5) -> None:
         """Read what the ring buffer holds now: at most its capacity in records
@@ -154,18 +154,18 @@ class Session:
     def _stack(self, ev: FailEvent) -> tuple[list[str], dict | None]:
         if not self.opts.program.stacks or self.loaded is None:
             return [], None
-        b = self.loaded.bpf
-        t = b["stacks"]
+        # symbols need bcc's symbolizer, which maps LLVM: only with --stack
+        from bcc import BPF
         kframes, uframes = [], []
         if ev.kstack >= 0:
-            kframes = [b.ksym(a, show_offset=True).decode("utf-8", "replace")
-                       for a in t.walk(ev.kstack)]
+            kframes = [BPF.ksym(a, show_offset=True).decode("utf-8", "replace")
+                       for a in self.loaded.stack(ev.kstack)]
             # the top frames are our own probe and the tracing glue: not the story
             while kframes and kframes[0].startswith(_PROBE_FRAMES):
                 kframes.pop(0)
         if ev.ustack >= 0:
-            uframes = [b.sym(a, ev.pid, show_module=True, show_offset=True).decode("utf-8", "replace")
-                       for a in t.walk(ev.ustack)]
+            uframes = [BPF.sym(a, ev.pid, show_module=True, show_offset=True).decode("utf-8", "replace")
+                       for a in self.loaded.stack(ev.ustack)]
         lines = [f"kernel: {f}" for f in kframes] + [f"user:   {f}" for f in uframes]
         return lines, {"kernel": kframes, "user": uframes}
 
@@ -234,7 +234,7 @@ class Session:
             self.loaded = load(tree, plan, opts.filters, opts.program)
             if opts.filters.pids and not any(pid_alive(p) for p in opts.filters.pids):
                 raise TargetsGone(opts.filters.pids)
-            self.loaded.bpf["events"].open_ring_buffer(self._on_event)
+            self.loaded.open_ring_buffer(self._on_event)
             self._attached = True
             if ready_cb:
                 ready_cb(self)
@@ -288,6 +288,11 @@ class Session:
                     if self.opts.json:
                         d = summ.to_dict()
                         d["stop"] = self.stop_reason
+                        c = self.loaded.compiled
+                        # how this run got its program: scripts/bench reads it
+                        d["program"] = {"compiled": "cached" if c.cached else "now",
+                                        "compile_seconds": round(c.compile_seconds, 3),
+                                        "compile_helper_peak_kb": c.helper_peak_kb}
                         self._write(dumps(d))
                     else:
                         self.out.write(summary_text(summ))

@@ -1,0 +1,76 @@
+"""The tracer loads compiled bytecode and never maps the compiler itself."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from tracer import capabilities, compiler, headers, loader, plan, program
+
+pytestmark = pytest.mark.bpf
+
+COMPILER_LIBS = ("libLLVM", "libclang", "libbcc.so")
+
+
+def _mapped_compiler_libs(pid: int) -> set[str]:
+    libs = set()
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 6 and any(x in parts[5] for x in COMPILER_LIBS):
+            libs.add(parts[5])
+    return libs
+
+
+def _children(pid: int) -> list[str]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += (task / "children").read_text().split()
+    return out
+
+
+def test_tracing_process_never_maps_the_compiler(tracer, tmp_path):
+    """Cold (fresh cache): the compile runs in a helper that is gone once the
+    tool traces; warm: nothing is compiled. Neither run maps LLVM."""
+    env = {"EPIPE_TRACE_CACHE": str(tmp_path)}
+    for expect in ("now", "cached"):
+        t = tracer("-d", "30", env=env)
+        assert _mapped_compiler_libs(t.proc.pid) == set()
+        assert _children(t.proc.pid) == []          # the helper has exited
+        rc, objs, err = t.stop_json()
+        assert rc == 0, err
+        prog = objs[-1]["program"]
+        assert prog["compiled"] == expect, prog
+        if expect == "now":
+            # the helper's own high-water mark, as it measured it
+            assert prog["compile_helper_peak_kb"] > 0
+        else:
+            assert prog["compile_helper_peak_kb"] == 0
+    assert len(list((tmp_path / "programs").glob("*.json"))) == 1
+
+
+def test_a_cached_program_the_kernel_refuses_is_compiled_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(headers, "DEFAULT_CACHE", tmp_path)   # real-header kernels
+    caps = capabilities.detect(try_fentry=False)
+    tree = headers.prepare(caps, cache_dir=tmp_path, roots_text=program.source_text())
+    p, f = plan.make_plan(caps), program.Filters()
+    first = loader.load(tree, p, f)
+    first.detach()
+    assert not first.compiled.cached
+    path = compiler.cache_dir(tree) / f"{first.compiled.key}.json"
+    d = json.loads(path.read_text())
+    exit_only = struct.pack("<BBhi", 0x95, 0, 0, 0)      # r0 never set: the verifier refuses
+    for fn in d["funcs"]:
+        fn["insns"], fn["relocs"] = base64.b64encode(exit_only).decode(), []
+    path.write_text(json.dumps(d))
+    again = loader.load(tree, p, f)
+    try:
+        assert not again.compiled.cached and again.attachments
+    finally:
+        again.detach()
+    third = loader.load(tree, p, f)             # the cache holds the good one again
+    third.detach()
+    assert third.compiled.cached and third.compiled.key == first.compiled.key
