@@ -13,6 +13,7 @@ import json
 import platform
 import threading
 import time
+from pathlib import Path
 
 from tabulate import tabulate
 
@@ -94,11 +95,18 @@ def run_repro(prefer: str | None = None, syscalls: bool = False) -> dict:
 
 
 def _bcc_version() -> str:
+    """bcc's version from its version.py: importing bcc would map LLVM."""
+    import importlib.util
+    import re
     try:
-        import bcc
-        return getattr(bcc, "__version__", "unknown")
-    except Exception:  # noqa: BLE001
-        return "unknown"
+        spec = importlib.util.find_spec("bcc")
+        for d in (spec.submodule_search_locations or []) if spec else []:
+            m = re.search(r"__version__\s*=\s*['\"]([^'\"]+)", (Path(d) / "version.py").read_text())
+            if m:
+                return m.group(1)
+    except (ImportError, OSError, ValueError):
+        pass
+    return "unknown"
 
 
 # --- compare -----------------------------------------------------------------

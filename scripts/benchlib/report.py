@@ -92,6 +92,8 @@ def compute(data: dict) -> dict:
             "cpu_ready_s": spread([s.get("cpu_ready_s") for s in st]),
             "stop_s": spread([s["stop_s"] for s in st]),
             "vm_hwm_mib": spread([s["vm_hwm_kb"] / MIB for s in st if s.get("vm_hwm_kb")]),
+            "helper_hwm_mib": spread([s["helper_hwm_kb"] / MIB for s in st if s.get("helper_hwm_kb")]),
+            "compiled": sorted({s.get("compiled") or "?" for s in st}),
         }
     hwms = [(s["vm_hwm_kb"], f"start-up {s['kind']}") for s in data["startup"] if s.get("vm_hwm_kb")]
     hwms += [(r["tracer"]["vm_hwm_kb"], f"{r['workload']} {r['variant']}") for r in data["runs"]
@@ -148,9 +150,13 @@ def compute(data: dict) -> dict:
              None if m is None else m <= GOALS[key], fmt_spread(s, lambda x: f"{x:.2f} s")
              + (f"; CPU {c['median']:.2f} s" if c else ""))
     pk = res["rss_peak"]
-    goal("peak RSS (VmHWM, any run)", f"<= {GOALS['rss_mib']:.0f} MiB", pk and pk["vm_hwm_mib"],
-         None if not pk else pk["vm_hwm_mib"] <= GOALS["rss_mib"],
+    goal("peak RSS of the tracing process (VmHWM, any run)", f"<= {GOALS['rss_mib']:.0f} MiB",
+         pk and pk["vm_hwm_mib"], None if not pk else pk["vm_hwm_mib"] <= GOALS["rss_mib"],
          f"{pk['vm_hwm_mib']:.1f} MiB ({pk['where']})" if pk else "n/a")
+    hh = res["startup"]["cold"].get("helper_hwm_mib")
+    goal("peak RSS of the compile helper (cold cache only, ~0.5 s)", f"<= {GOALS['rss_mib']:.0f} MiB",
+         hh and hh["max"], None if not hh else hh["max"] <= GOALS["rss_mib"],
+         fmt_spread(hh, lambda x: f"{x:.1f} MiB") if hh else "n/a")
     if "storm" in data["meta"]["workloads"]:
         goal("storm summary exact (-p PID --json)", "total == EPIPEs counted, every round",
              res["storm"]["exact_all"], res["storm"]["exact_all"] if pid_rows else None,
@@ -248,11 +254,14 @@ def render(data: dict) -> str:
         rows.append([f"{kind} cache", fmt_spread(s["ready_s"], lambda x: f"{x:.2f}"),
                      fmt_spread(s["cpu_ready_s"], lambda x: f"{x:.2f}"),
                      fmt_spread(s["stop_s"], lambda x: f"{x:.2f}"),
-                     fmt_spread(s["vm_hwm_mib"], lambda x: f"{x:.1f}")])
+                     fmt_spread(s["vm_hwm_mib"], lambda x: f"{x:.1f}"),
+                     "/".join(s.get("compiled") or []),
+                     fmt_spread(s.get("helper_hwm_mib"), lambda x: f"{x:.1f}")])
     out.append("Start-up: launch of `python -m tracer --json` to the ready line on stderr; "
                "stop = SIGINT to exit (summary + detach)")
     out.append(tabulate(rows, headers=["start", "ready (s)", "tool CPU to ready (s)",
-                                       "stop (s)", "VmHWM (MiB)"],
+                                       "stop (s)", "VmHWM (MiB)", "program",
+                                       "compile helper VmHWM (MiB)"],
                         tablefmt="github"))
     pk = res.get("rss_peak")
     if pk:

@@ -3,7 +3,8 @@
 Run by scripts/bench with the venv python and cwd = the checkout:
     python scripts/benchlib/startup_profile.py REPO
 It replays what `python -m tracer` does before its ready line (imports,
-capabilities.detect, headers.prepare, make_plan, loader.load) using the
+capabilities.detect, headers.prepare, make_plan, loader.load: the
+compile helper's own peak is reported apart, it is another process) using the
 tracer's own functions, and prints one JSON object:
     {"phases": [{"phase", "seconds", "vm_hwm_mib", "vm_rss_mib"}...], "total_s": ...}
 The tracer's internals may change under it: any failure is reported in
@@ -84,13 +85,13 @@ def main() -> int:
         mark(f"headers.prepare ({'cached' if tree.cached else 'generated'})")
         plan = make_plan(caps)
         mark("make_plan")
-        import bcc  # noqa: F401
-        mark("import bcc")
         loaded = loader.load(tree, plan, Filters(), ProgramOptions())
-        mark("bcc compile + load + attach (BPF(text=...))")
-        loaded.bpf["events"].open_ring_buffer(lambda *a: 0)
+        mark("program (cache or compile helper) + maps + load + attach"
+             + (" [cached]" if loaded.compiled.cached else " [compiled now]"))
+        loaded.open_ring_buffer(lambda *a: 0)
         mark("open ring buffer")
         out["compile_seconds_reported"] = loaded.compile_seconds
+        out["compile_helper_peak_kb"] = loaded.compiled.helper_peak_kb
         loaded.detach()
         mark("detach")
     except BaseException as e:  # noqa: BLE001
