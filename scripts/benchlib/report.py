@@ -12,13 +12,14 @@ WORKLOADS = {
     "syscall": ("bare syscall (getppid)", "calls/s", "the tax on every syscall of the host"),
     "storm": ("EPIPE storm", "attempts/s", "send() after shutdown(SHUT_WR), SIGPIPE ignored"),
 }
-VARIANTS = ("untraced", "traced", "traced_pid", "traced_syscalls", "strace")
+VARIANTS = ("untraced", "traced", "traced_pid", "traced_syscalls", "strace", "floor")
 VARIANT_TITLES = {
     "untraced": "untraced",
     "traced": "epipe-trace (default)",
     "traced_pid": "epipe-trace -p PID",
     "traced_syscalls": "epipe-trace --syscalls",
     "strace": "strace -f",
+    "floor": "empty program on sock_send_length",
 }
 MIB = 1024.0
 
@@ -212,20 +213,21 @@ def render(data: dict) -> str:
     for wl, e in res["throughput"].items():
         title, unit, _ = WORKLOADS[wl]
         row = [title, fmt_spread(e["untraced"]["rate"], fmt_rate) + " " + unit]
-        for v in ("traced", "traced_pid", "traced_syscalls", "strace"):
+        for v in ("traced", "traced_pid", "traced_syscalls", "strace", "floor"):
             row.append(fmt_spread(e[v].get("ratio")))
         rows.append(row)
     out.append("Throughput: untraced rate, and ratio traced/untraced paired per round; "
                "median (min–max)")
     out.append(tabulate(rows, headers=["workload", "untraced", "epipe-trace (default)",
-                                       "epipe-trace -p PID", "--syscalls", "strace -f -Z"],
+                                       "epipe-trace -p PID", "--syscalls", "strace -f -Z",
+                                       "floor: empty program on the hook"],
                         tablefmt="github"))
     out.append("")
     rows = []
     for wl, e in res["throughput"].items():
         title, unit, _ = WORKLOADS[wl]
         row = [title, fmt_spread(e["untraced"]["rate_cpu"], fmt_rate) + f" ops/CPU-s"]
-        for v in ("traced", "traced_pid", "traced_syscalls", "strace"):
+        for v in ("traced", "traced_pid", "traced_syscalls", "strace", "floor"):
             row.append(fmt_spread(e[v].get("ratio_cpu")))
         a = e["traced"].get("added_ns_cpu")
         row.append(f"{a['median']:.0f}" if a else "n/a")
@@ -245,7 +247,7 @@ def render(data: dict) -> str:
                "time): robust to other load on the machine; strace's own CPU is not included")
     out.append(tabulate(rows, headers=["workload", "untraced", "epipe-trace (default)",
                                        "epipe-trace -p PID", "--syscalls", "strace -f -Z",
-                                       "CPU ns added per op (default)"], tablefmt="github"))
+                                       "floor", "CPU ns added per op (default)"], tablefmt="github"))
     out.append("")
 
     rows = []
