@@ -38,5 +38,6 @@ fi
 # scenarios themselves ran above, all in one trace)
 step pytest python3 -m pytest -q -p no:cacheprovider -m 'not matrix' \
     tests/test_plan.py tests/test_explain.py tests/test_headers_unit.py tests/test_render.py \
+    tests/test_compiler_unit.py \
     tests/test_headers_bpf.py "${timeout_flag[@]}" > "$OUT/pytest.txt" 2>&1
 exit 0
