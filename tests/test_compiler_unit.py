@@ -127,3 +127,23 @@ def test_cache_keeps_only_the_newest_programs(tmp_path, monkeypatch):
     assert len(left) == 3
     assert compiler.read_cache(t, "text 4") is not None
     assert compiler.read_cache(t, "text 0") is None
+
+
+def test_attach_points_follow_bccs_names_and_the_plan():
+    from tracer.capabilities import KernelCapabilities
+    from tracer.loader import attach_points
+    from tracer.plan import make_plan
+    caps = KernelCapabilities(
+        release="t", machine="x86_64", btf=True, btf_path="/x", headers_dir=None,
+        kprobes=True, kprobes_reason="", fentry=False, fentry_reason="",
+        raw_tracepoints=True, ringbuf=True, tracefs="/t",
+        functions={"anon_pipe_write": ["struct kiocb *"], "fifo_pipe_write": ["struct kiocb *"]})
+    plan = make_plan(caps)
+    assert attach_points(plan, "kprobe__tcp_reset") == [("kprobe", "tcp_reset")]
+    assert attach_points(plan, "kretprobe__sk_stream_error") == [("kretprobe", "sk_stream_error")]
+    assert attach_points(plan, "tracepoint__signal__signal_deliver") == \
+        [("tracepoint", "signal:signal_deliver")]
+    assert attach_points(plan, "raw_tracepoint__sys_exit") == [("raw_tracepoint", "sys_exit")]
+    assert attach_points(plan, "ep_pipe_write") == [("kprobe", "anon_pipe_write"),
+                                                    ("kprobe", "fifo_pipe_write")]
+    assert attach_points(plan, "ep_some_helper") == []      # not a probe: not loaded

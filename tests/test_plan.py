@@ -25,8 +25,14 @@ FUNCS = {"tcp_reset": ["struct sock *", "struct sk_buff *"],
          "tcp_set_state": ["struct sock *", "int"]}
 
 
-def caps(kprobes=False, fentry=False, tps=None, funcs=None, raw=True, btf=True) -> KernelCapabilities:
+UNIX_FUNCS = {"unix_stream_sendmsg": ["struct socket *", "struct msghdr *", "size_t"],
+              "unix_seqpacket_sendmsg": ["struct socket *", "struct msghdr *", "size_t"]}
+
+
+def caps(kprobes=False, fentry=False, tps=None, funcs=None, raw=True, btf=True,
+         task_regs=False) -> KernelCapabilities:
     return KernelCapabilities(
+        task_regs=task_regs,
         release="test", machine="x86_64", btf=btf, btf_path="/x" if btf else None,
         headers_dir=None if btf else "/lib/modules/test/build",
         kprobes=kprobes, kprobes_reason="test", fentry=fentry, fentry_reason="test",
@@ -138,9 +144,38 @@ def test_syscalls_flag_reports_at_syscall_exit_and_adds_the_syscall_hooks():
     assert p.uses_syscall_hooks()
 
 
-def test_kernel_without_sock_send_length_needs_the_syscall_exit_and_takes_the_rest():
-    tps = {k: v for k, v in ALL_TPS.items() if k != "sock:sock_send_length"}
-    p = make_plan(caps(kprobes=True, tps=tps))
+NO_SEND_LENGTH = {k: v for k, v in ALL_TPS.items() if k != "sock:sock_send_length"}
+
+
+def test_kprobe_kernel_without_sock_send_length_reports_where_the_send_fails():
+    """5.15-6.2 distro kernels: return probes on the failing functions (the
+    TCP one runs only on errors) instead of every syscall's exit."""
+    p = make_plan(caps(kprobes=True, tps=NO_SEND_LENGTH, funcs=dict(FUNCS, **UNIX_FUNCS),
+                       task_regs=True))
+    c = p.by_name("send_failure")
+    assert c.mechanism == KPROBE
+    assert c.target == "sk_stream_error,unix_stream_sendmsg,unix_seqpacket_sendmsg"
+    assert p.by_name("pipe_failure").target == "signal:signal_generate"
+    assert not p.uses_syscall_hooks()
+    assert {mech(p, h) for h in ("accept", "shutdown", "close")} == {OFF}
+    m = p.macros()
+    assert m["REPORT_KRET"] == 1 and m["REPORT_SENDLEN"] == 0 and m["HOOK_SYSEXIT"] == 0
+    assert m["REPORT_PIPE_SIG"] == 1
+    # --syscalls, or a missing UNIX function: back to the syscall exit
+    for p2 in (make_plan(caps(kprobes=True, tps=NO_SEND_LENGTH, funcs=dict(FUNCS, **UNIX_FUNCS),
+                              task_regs=True), syscalls=True),
+               make_plan(caps(kprobes=True, tps=NO_SEND_LENGTH, task_regs=True))):
+        assert p2.by_name("send_failure").target == "raw_syscalls:sys_exit"
+        assert p2.macros()["REPORT_KRET"] == 0
+    # where sock_send_length exists it stays the report point (one hook for all)
+    p3 = make_plan(caps(kprobes=True, funcs=dict(FUNCS, **UNIX_FUNCS), task_regs=True))
+    assert p3.by_name("send_failure").target == "sock:sock_send_length"
+
+
+def test_kernel_without_task_regs_needs_the_syscall_exit_and_takes_the_rest():
+    """5.10: no bpf_task_pt_regs, so only the syscall exit knows the syscall."""
+    p = make_plan(caps(kprobes=True, tps=NO_SEND_LENGTH, funcs=dict(FUNCS, **UNIX_FUNCS)))
+    assert any("bpf_task_pt_regs" in r for r in p.by_name("send_failure").rejected)
     assert p.by_name("send_failure").target == "raw_syscalls:sys_exit"
     assert p.by_name("pipe_failure").target == "raw_syscalls:sys_exit"
     assert "hooked anyway" in p.by_name("pipe_failure").reason

@@ -193,13 +193,14 @@ def attach_tracepoint(prog_fd: int, category: str, event: str) -> Attachment:
     return Attachment("tracepoint", f"{category}:{event}", fd)
 
 
-def attach_kprobe(prog_fd: int, function: str) -> Attachment:
+def attach_kprobe(prog_fd: int, function: str, ret: bool = False) -> Attachment:
+    """A kprobe on entry, or with ``ret`` a return probe (kretprobe)."""
     # the event name bcc would use, so a leftover from either is recognisable
-    ev = ("p_" + function.replace("+", "_").replace(".", "_")).encode()
-    fd = lib().bpf_attach_kprobe(prog_fd, 0, ev, function.encode(), 0, 0)
+    ev = (("r_" if ret else "p_") + function.replace("+", "_").replace(".", "_")).encode()
+    fd = lib().bpf_attach_kprobe(prog_fd, 1 if ret else 0, ev, function.encode(), 0, 0)
     if fd < 0:
-        raise _fail(f"attaching a kprobe to {function}")
-    return Attachment("kprobe", function, fd, ev)
+        raise _fail(f"attaching a {'kretprobe' if ret else 'kprobe'} to {function}")
+    return Attachment("kretprobe" if ret else "kprobe", function, fd, ev)
 
 
 class RingBuffer:

@@ -69,6 +69,9 @@ class KernelCapabilities:
     tracefs: str | None
     tracepoints: dict[str, list[str]] = field(default_factory=dict)  # "cat:name" -> fields
     functions: dict[str, list[str] | None] = field(default_factory=dict)  # name -> param types (None: not probeable)
+    # bpf_task_pt_regs() (5.15+): a probe inside a syscall can read the
+    # syscall's number and arguments without hooking the syscall
+    task_regs: bool = False
     config: dict[str, str] = field(default_factory=dict)  # CONFIG_* that matter
 
     def has_tracepoint(self, name: str) -> bool:
@@ -84,6 +87,7 @@ class KernelCapabilities:
             "kprobes": self.kprobes, "kprobes_reason": self.kprobes_reason,
             "fentry": self.fentry, "fentry_reason": self.fentry_reason,
             "raw_tracepoints": self.raw_tracepoints, "ringbuf": self.ringbuf,
+            "task_regs": self.task_regs,
             "tracefs": self.tracefs,
             "tracepoints": self.tracepoints, "functions": self.functions,
             "config": self.config,
@@ -257,6 +261,27 @@ def probe_raw_tracepoint() -> bool:
     return True
 
 
+def probe_task_regs() -> bool:
+    """Does the verifier know bpf_task_pt_regs (helper 175, 5.15+)? A raw
+    tracepoint program calling it on bpf_get_current_task_btf() (158)."""
+    insns = b"".join(struct.pack("<BBhi", *i) for i in (
+        (0x85, 0, 0, 158),          # call bpf_get_current_task_btf
+        (0xBF, 0x01, 0, 0),         # r1 = r0
+        (0x85, 0, 0, 175),          # call bpf_task_pt_regs
+        (0xB7, 0, 0, 0),            # r0 = 0
+        (0x95, 0, 0, 0)))           # exit
+    insn_buf = ctypes.create_string_buffer(insns)
+    lic = ctypes.create_string_buffer(b"GPL")
+    attr = bytearray(144)
+    struct.pack_into("<IIQQ", attr, 0, BPF_PROG_TYPE_RAW_TRACEPOINT, len(insns) // 8,
+                     ctypes.addressof(insn_buf), ctypes.addressof(lic))
+    fd, _ = _bpf(BPF_PROG_LOAD, attr)
+    if fd < 0:
+        return False
+    os.close(fd)
+    return True
+
+
 def probe_ringbuf() -> bool:
     attr = bytearray(72)
     struct.pack_into("<IIII", attr, 0, BPF_MAP_TYPE_RINGBUF, 0, 0, 4096)
@@ -292,6 +317,7 @@ def detect(try_fentry: bool = True) -> KernelCapabilities:
         kprobes=kprobes, kprobes_reason=kreason,
         fentry=fentry, fentry_reason=freason,
         raw_tracepoints=probe_raw_tracepoint(), ringbuf=probe_ringbuf(),
+        task_regs=btf is not None and probe_task_regs(),
         tracefs=tracefs,
         config={k: config.get(k, "n") for k in _CONFIG_KEYS} if config else {},
     )

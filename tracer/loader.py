@@ -4,7 +4,7 @@ every exit.
 No LLVM here: the program comes compiled (``compiler``, from the cache or a
 helper process) and everything below goes through libbcc_bpf (``bpfsys``).
 Which function attaches where follows bcc's naming, so the C reads as any
-bcc program: ``kprobe__FN``, ``tracepoint__CAT__EVENT``,
+bcc program: ``kprobe__FN``, ``kretprobe__FN``, ``tracepoint__CAT__EVENT``,
 ``raw_tracepoint__EVENT``; ``ep_pipe_write`` goes to each pipe-write function
 the plan found (their names differ between kernels).
 """
@@ -119,6 +119,8 @@ def attach_points(plan: ProbePlan, name: str) -> list[tuple[str, str]]:
     """Where one compiled function attaches, as (kind, target) pairs."""
     if name.startswith("kprobe__"):
         return [("kprobe", name[len("kprobe__"):])]
+    if name.startswith("kretprobe__"):
+        return [("kretprobe", name[len("kretprobe__"):])]
     if name.startswith("tracepoint__"):
         cat, _, ev = name[len("tracepoint__"):].partition("__")
         return [("tracepoint", f"{cat}:{ev}")]
@@ -131,13 +133,14 @@ def attach_points(plan: ProbePlan, name: str) -> list[tuple[str, str]]:
     return []
 
 
-_PROG_TYPE = {"kprobe": bpfsys.PROG_KPROBE, "tracepoint": bpfsys.PROG_TRACEPOINT,
+_PROG_TYPE = {"kprobe": bpfsys.PROG_KPROBE, "kretprobe": bpfsys.PROG_KPROBE,
+              "tracepoint": bpfsys.PROG_TRACEPOINT,
               "raw_tracepoint": bpfsys.PROG_RAW_TRACEPOINT}
 
 
 def _attach(kind: str, target: str, fd: int) -> bpfsys.Attachment:
-    if kind == "kprobe":
-        return bpfsys.attach_kprobe(fd, target)
+    if kind in ("kprobe", "kretprobe"):
+        return bpfsys.attach_kprobe(fd, target, ret=kind == "kretprobe")
     if kind == "tracepoint":
         return bpfsys.attach_tracepoint(fd, *target.split(":", 1))
     return bpfsys.attach_raw_tracepoint(fd, target)

@@ -26,6 +26,8 @@ MACRO_VALUE = {UNAVAILABLE: 0, KPROBE: 1, FENTRY: 2, TRACEPOINT: 3, RAW_TRACEPOI
 SYS_EXIT = "raw_syscalls:sys_exit"
 SEND_LENGTH = "sock:sock_send_length"
 SIGNAL_GENERATE = "signal:signal_generate"
+# return probes on the functions that fail a socket send (REPORT_KRET)
+SEND_RETURNS = "sk_stream_error,unix_stream_sendmsg,unix_seqpacket_sendmsg"
 # Why the syscall hooks are off unless asked for (measured with scripts/bench)
 SYSCALL_COST = ("off: any syscall tracepoint puts every syscall of every process on "
                 "the kernel's slow path (here: send path 0.88 -> 0.71 of untraced); "
@@ -79,6 +81,7 @@ HOOKS: tuple[HookSpec, ...] = (
              "recorded; it is still read at sk_stream_error where that is probed"),
     HookSpec("send_failure", "HOOK_SEND", "failing socket send reported",
              (Candidate(RAW_TRACEPOINT, SEND_LENGTH, ("sk", "ret")),
+              Candidate(KPROBE, SEND_RETURNS),
               Candidate(RAW_TRACEPOINT, SYS_EXIT)),
              "failing sends cannot be seen", essential=True),
     HookSpec("accept", "HOOK_ACCEPT", "accept() returns a socket",
@@ -150,6 +153,7 @@ class ProbePlan:
         # where failures are reported: sock_sendmsg's return / SIGPIPE generation
         # (no syscall hook at all), or the raw sys_exit
         m["REPORT_SENDLEN"] = int(targets.get("send_failure") == SEND_LENGTH)
+        m["REPORT_KRET"] = int(targets.get("send_failure") == SEND_RETURNS)
         m["REPORT_PIPE_SIG"] = int(targets.get("pipe_failure") == SIGNAL_GENERATE)
         m["HOOK_SYSEXIT"] = 4 if SYS_EXIT in (targets.get("send_failure"),
                                               targets.get("pipe_failure")) else 0
@@ -237,6 +241,11 @@ def make_plan(caps: KernelCapabilities, prefer: str | None = None,
                    "reading the task's registers there (bpf_task_pt_regs) needs BTF")
             rejected.append(f"{RAW_TRACEPOINT} {SEND_LENGTH}: {why}")
             cands = [c for c in cands if c.target != SEND_LENGTH]
+        if hook.name == "send_failure" and (syscalls or not caps.task_regs):
+            why = ("--syscalls reports at the syscall's exit" if syscalls else
+                   "this kernel has no bpf_task_pt_regs (5.15+) to read the syscall there")
+            rejected.append(f"{KPROBE} return {SEND_RETURNS}: {why}")
+            cands = [c for c in cands if c.target != SEND_RETURNS]
         if hook.name in SYSCALL_HOOKS and not syscalls and _report_target(plan) != SYS_EXIT:
             plan.choices.append(Choice(hook, OFF, "", SYSCALL_COST))
             continue
@@ -256,6 +265,11 @@ def make_plan(caps: KernelCapabilities, prefer: str | None = None,
                     reason = ("reported where sock_sendmsg() returns the error; the "
                               "syscall and fd are read from the task's registers, so "
                               "no syscall is hooked")
+                elif c.target == SEND_RETURNS:
+                    reason = ("reported where the failing function returns (return "
+                              "probes; sk_stream_error's runs only when a TCP send "
+                              "fails); the syscall and fd are read from the task's "
+                              "registers, so no syscall is hooked")
                 plan.choices.append(Choice(hook, c.mechanism, c.target, reason, tuple(rejected)))
                 break
             rejected.append(f"{c.mechanism} {c.target}: {why}")
