@@ -74,3 +74,48 @@ def test_a_cached_program_the_kernel_refuses_is_compiled_again(tmp_path, monkeyp
     third = loader.load(tree, p, f)             # the cache holds the good one again
     third.detach()
     assert third.compiled.cached and third.compiled.key == first.compiled.key
+
+
+def _helpers() -> set[int]:
+    out = set()
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if b"tracer.compiler" in (p / "cmdline").read_bytes():
+                    out.add(int(p.name))
+            except OSError:
+                pass
+    return out
+
+
+def test_the_compile_helper_dies_with_a_killed_tracer(tmp_path):
+    """kill -9 of the tracer mid-compile must not leave a compiler running."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    root = Path(__file__).resolve().parent.parent
+    before = _helpers()
+    tool = subprocess.Popen([sys.executable, "-m", "tracer", "-d", "30"], cwd=root,
+                            env=dict(os.environ, EPIPE_TRACE_CACHE=str(tmp_path)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not (_helpers() - before):
+        assert tool.poll() is None and time.monotonic() < deadline, "no compile helper seen"
+        time.sleep(0.005)
+    helper = (_helpers() - before).pop()
+    # once it maps libbcc it is past main()'s prctl; stopped, it could not
+    # finish and exit on its own: only the parent-death signal can end it
+    while "libbcc.so" not in Path(f"/proc/{helper}/maps").read_text():
+        assert time.monotonic() < deadline, "the helper never loaded bcc"
+        time.sleep(0.005)
+    os.kill(helper, signal.SIGSTOP)
+    tool.send_signal(signal.SIGKILL)
+    tool.wait()
+    try:
+        while helper in _helpers():
+            assert time.monotonic() < deadline, f"helper {helper} outlived the tracer"
+            time.sleep(0.01)
+    finally:
+        if helper in _helpers():
+            os.kill(helper, signal.SIGKILL)

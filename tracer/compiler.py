@@ -212,16 +212,6 @@ def compile_program(tree: HeaderTree, text: str, reuse: bool = True) -> Compiled
     return c
 
 
-def _die_with_parent() -> None:
-    # the helper must not outlive a tracer killed mid-compile
-    import ctypes
-    import signal
-    try:
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)      # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def run_helper(tree: HeaderTree, text: str) -> Compiled:
     env = dict(os.environ)
     if tree.kind == "btf-generated":
@@ -238,11 +228,12 @@ def run_helper(tree: HeaderTree, text: str) -> Compiled:
         variants.append([FULL_VMLINUX_DEFINE])
     pkg_root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["EPIPE_TRACE_PARENT"] = str(os.getpid())
     t0 = time.monotonic()
     try:
         p = subprocess.run([sys.executable, "-m", "tracer.compiler"],
                            input=json.dumps({"text": text, "variants": variants}),
-                           capture_output=True, text=True, env=env, preexec_fn=_die_with_parent)
+                           capture_output=True, text=True, env=env)
     except OSError as e:
         raise CompileError(f"could not start the compile helper: {e}") from e
     try:
@@ -329,7 +320,22 @@ def _peak_kb() -> int:
     return 0
 
 
+def _die_with_parent() -> None:
+    """The helper must not outlive a tracer killed mid-compile. Set here
+    rather than in a preexec_fn, which subprocess documents as unsafe once
+    the parent has threads."""
+    import ctypes
+    import signal
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)      # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.environ.get("EPIPE_TRACE_PARENT") not in (None, str(os.getppid())):
+        os._exit(1)                                     # it died before prctl
+
+
 def main() -> int:
+    _die_with_parent()
     req = json.loads(sys.stdin.read())
     try:
         out = _compile(req["text"], req["variants"])
