@@ -214,3 +214,43 @@ def test_comm_filter(tracer):
     fails = [o for o in objs if o["event"] == "broken_pipe"]
     assert [f["comm"] for f in fails] == ["epipe-victim"], err
     assert fails[0]["pid"] == named.pid
+
+
+def test_closed_sockets_leave_no_history_but_open_ones_keep_theirs():
+    """A socket's history is dropped when it ends with nobody holding it, so
+    churn cannot push out the histories of live, idle sockets; a socket still
+    held (here: shut down, then closed by the peer) keeps its history."""
+    import socket
+
+    from tracer import capabilities, headers, loader, plan, program
+    caps = capabilities.detect(try_fentry=False)
+    tree = headers.prepare(caps, roots_text=program.source_text())
+    loaded = loader.load(tree, plan.make_plan(caps), program.Filters())
+    try:
+        hist = loaded.maps["hist"]
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(512)
+        before = len(hist.keys())
+        # all open at once, so no two share an address (the map's key)
+        pairs = []
+        for _ in range(200):
+            c = socket.create_connection(srv.getsockname())
+            pairs.append((c, srv.accept()[0]))
+        opened = len(hist.keys()) - before
+        held = []
+        for i, (c, s) in enumerate(pairs):
+            if i < 10:
+                c.shutdown(socket.SHUT_WR)         # our FIN, then theirs:
+                held.append(c)                     # c ends in CLOSE, still ours
+            else:
+                c.close()
+            s.close()
+        left = len(hist.keys()) - before
+        for c in held:
+            c.close()
+        srv.close()
+    finally:
+        loaded.detach()
+    assert opened >= 400, f"only {opened} histories for 400 open sockets"
+    assert 10 <= left < 60, f"{left} histories left: 10 sockets are still held"
