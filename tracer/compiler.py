@@ -136,11 +136,23 @@ def _bcc_identity() -> str:
     return f"{lib}:{st.st_size}:{int(st.st_mtime)}"
 
 
+def _tree_identity(tree: HeaderTree) -> str:
+    """A generated tree is named by its own key; real headers by their
+    configuration file, which a reinstalled headers package rewrites."""
+    if tree.key:
+        return tree.key
+    try:
+        st = (Path(tree.path) / "include/generated/autoconf.h").stat()
+        return f"{st.st_size}:{st.st_mtime_ns}"
+    except OSError:
+        return ""
+
+
 def cache_key(tree: HeaderTree, text: str) -> str:
     u = platform.uname()
     h = hashlib.sha256()
     for part in (GENERATION, u.release, u.version, u.machine, _bcc_identity(),
-                 tree.kind, tree.path, tree.key, text):
+                 tree.kind, tree.path, _tree_identity(tree), text):
         h.update(part.encode() + b"\0")
     return h.hexdigest()[:32]
 
