@@ -119,3 +119,30 @@ def test_the_compile_helper_dies_with_a_killed_tracer(tmp_path):
     finally:
         if helper in _helpers():
             os.kill(helper, signal.SIGKILL)
+
+
+def test_stack_symbols_come_without_the_compiler():
+    """--stack names frames with bcc's symbol caches from libbcc_bpf, as
+    bcc's BPF.sym/ksym would, in a process that maps no LLVM."""
+    import subprocess
+    import sys
+    code = """
+import ctypes, json, os
+from tracer import bpfsys
+libc = ctypes.CDLL("libc.so.6")
+addr = ctypes.cast(libc.getpid, ctypes.c_void_p).value
+k = next(int(l.split()[0], 16) for l in open("/proc/kallsyms")
+         if l.split()[2] == "tcp_sendmsg" and l.split()[1] in "tT")
+sym = bpfsys.Symbols()
+maps = open("/proc/self/maps").read()
+print(json.dumps({"user": sym.resolve(addr + 4, os.getpid(), show_module=True),
+                  "kernel": sym.resolve(k + 8),
+                  "llvm": any(x in maps for x in ("libLLVM", "libclang", "libbcc.so"))}))
+"""
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["user"] in ("getpid+0x4 [libc.so.6]", "__getpid+0x4 [libc.so.6]"), d
+    assert d["kernel"] == "tcp_sendmsg+0x8", d
+    assert d["llvm"] is False

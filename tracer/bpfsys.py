@@ -64,6 +64,9 @@ def lib():
             "bpf_poll_ringbuf": (ct.c_int, [ct.c_void_p, ct.c_int]),
             "bpf_consume_ringbuf": (ct.c_int, [ct.c_void_p]),
             "bpf_free_ringbuf": (None, [ct.c_void_p]),
+            "bcc_symcache_new": (ct.c_void_p, [ct.c_int, ct.c_void_p]),
+            "bcc_symcache_resolve": (ct.c_int, [ct.c_void_p, ct.c_ulonglong, ct.c_void_p]),
+            "bcc_symbol_free_demangle_name": (None, [ct.c_void_p]),
         }
         for name, (res, args) in sig.items():
             f = getattr(L, name)
@@ -223,3 +226,34 @@ class RingBuffer:
         rb, self.rb = self.rb, None
         if rb:
             lib().bpf_free_ringbuf(rb)
+
+
+class _Symbol(ct.Structure):          # struct bcc_symbol (bcc_syms.h)
+    _fields_ = [("name", ct.c_char_p), ("demangle_name", ct.c_char_p),
+                ("module", ct.c_char_p), ("offset", ct.c_ulonglong)]
+
+
+class Symbols:
+    """Addresses to names with bcc's symbol caches (in libbcc_bpf, so --stack
+    does not need the compiler either); pid -1 is the kernel. Lines look like
+    bcc's BPF.ksym / BPF.sym: ``name+0xoff [module]``."""
+
+    def __init__(self):
+        self._caches: dict[int, int] = {}
+
+    def _cache(self, pid: int) -> int:
+        if pid not in self._caches:
+            self._caches[pid] = lib().bcc_symcache_new(pid, None) or 0
+        return self._caches[pid]
+
+    def resolve(self, addr: int, pid: int = -1, show_module: bool = False) -> str:
+        cache = self._cache(pid)
+        sym = _Symbol()
+        name = None
+        if cache and lib().bcc_symcache_resolve(cache, addr, ct.byref(sym)) >= 0:
+            name = (sym.demangle_name or sym.name or b"").decode("utf-8", "replace") or None
+            lib().bcc_symbol_free_demangle_name(ct.byref(sym))
+        out = f"{name}+0x{sym.offset:x}" if name else "[unknown]"
+        if show_module and sym.module:
+            out += f" [{os.path.basename(sym.module.decode('utf-8', 'replace'))}]"
+        return out

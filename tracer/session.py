@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from . import capabilities, headers
+from . import bpfsys, capabilities, headers
 from .events import DeliverEvent, ExitEvent, FailEvent, RawEvent, decode, decode_count_key
 from .explain import explain
 from .loader import Loaded, load
@@ -92,6 +92,7 @@ class Session:
         self._poll_cut = False
         self._draining = False
         self._attached = False
+        self._symbols = None             # bpfsys.Symbols, made on the first --stack event
 
     def request_stop(self, reason: str) -> None:
         """Ask the loop to end at its next turn (safe from another thread)."""
@@ -154,17 +155,17 @@ class Session:
     def _stack(self, ev: FailEvent) -> tuple[list[str], dict | None]:
         if not self.opts.program.stacks or self.loaded is None:
             return [], None
-        # symbols need bcc's symbolizer, which maps LLVM: only with --stack
-        from bcc import BPF
+        if self._symbols is None:
+            self._symbols = bpfsys.Symbols()
+        sym = self._symbols
         kframes, uframes = [], []
         if ev.kstack >= 0:
-            kframes = [BPF.ksym(a, show_offset=True).decode("utf-8", "replace")
-                       for a in self.loaded.stack(ev.kstack)]
+            kframes = [sym.resolve(a) for a in self.loaded.stack(ev.kstack)]
             # the top frames are our own probe and the tracing glue: not the story
             while kframes and kframes[0].startswith(_PROBE_FRAMES):
                 kframes.pop(0)
         if ev.ustack >= 0:
-            uframes = [BPF.sym(a, ev.pid, show_module=True, show_offset=True).decode("utf-8", "replace")
+            uframes = [sym.resolve(a, ev.pid, show_module=True)
                        for a in self.loaded.stack(ev.ustack)]
         lines = [f"kernel: {f}" for f in kframes] + [f"user:   {f}" for f in uframes]
         return lines, {"kernel": kframes, "user": uframes}
