@@ -77,8 +77,6 @@
 #define EP_TCP_LISTEN      10
 #define EP_TCP_FIN_WAIT1   4
 #define EP_TCP_LAST_ACK    9
-#define EP_TCP_CLOSE       7
-#define EP_SOCK_DEAD       0   /* enum sock_flags: sock_orphan() set it, no file left */
 #define EP_SOCK_STREAM     1
 #define EP_SOCK_SEQPACKET  5
 
@@ -396,15 +394,6 @@ static __always_inline void ep_on_state(struct sock *sk, int oldstate, int newst
     if (family != FILTER_FAMILY)
         return;
 #endif
-    if (newstate == EP_TCP_CLOSE && (KR(sk, sk_flags) & (1UL << EP_SOCK_DEAD))) {
-        /* the end of a socket nobody holds any more: nothing can send on it
-         * again, so its history is dropped here rather than left for the LRU
-         * to evict; under churn that eviction would otherwise fall on the
-         * idle, long-lived sockets whose history still matters */
-        u64 key = (u64)sk;
-        hist.delete(&key);
-        return;
-    }
     u8 fresh;
     struct sk_hist *h = ep_hist_get_fresh(sk, &fresh);
     if (!h)

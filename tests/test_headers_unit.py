@@ -118,12 +118,3 @@ struct outer {
     assert "struct big {" not in cut and "struct unused {" not in cut    # only pointed to
     assert "struct unused2;" in cut and "struct big;" in cut            # declared, not defined
     assert cut.index("struct inner {") < cut.index("struct outer {")     # dump order kept
-
-
-def test_compat_define_for_sk_flags_only_where_the_field_moved():
-    moved = ("struct sock_common {\n\tlong unsigned int skc_flags;\n};\n\n"
-             "struct sock {\n\tstruct sock_common __sk_common;\n\tint sk_err;\n};\n")
-    old = ("struct sock_common {\n\tint skc_state;\n};\n\n"
-           "struct sock {\n\tstruct sock_common __sk_common;\n\tlong unsigned int sk_flags;\n};\n")
-    assert headers.compat_defines(moved) == "#define sk_flags __sk_common.skc_flags\n"
-    assert headers.compat_defines(old) == ""
