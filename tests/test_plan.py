@@ -167,9 +167,15 @@ def test_kprobe_kernel_without_sock_send_length_reports_where_the_send_fails():
                make_plan(caps(kprobes=True, tps=NO_SEND_LENGTH, task_regs=True))):
         assert p2.by_name("send_failure").target == "raw_syscalls:sys_exit"
         assert p2.macros()["REPORT_KRET"] == 0
-    # where sock_send_length exists it stays the report point (one hook for all)
+    # where sock_send_length exists it stays the report point (one hook for all),
+    # unless kprobes are preferred: then no successful TCP send passes a hook
     p3 = make_plan(caps(kprobes=True, funcs=dict(FUNCS, **UNIX_FUNCS), task_regs=True))
     assert p3.by_name("send_failure").target == "sock:sock_send_length"
+    p4 = make_plan(caps(kprobes=True, funcs=dict(FUNCS, **UNIX_FUNCS), task_regs=True),
+                   prefer="kprobe")
+    assert p4.by_name("send_failure").target == \
+        "sk_stream_error,unix_stream_sendmsg,unix_seqpacket_sendmsg"
+    assert not p4.uses_syscall_hooks()
 
 
 def test_kernel_without_task_regs_needs_the_syscall_exit_and_takes_the_rest():
