@@ -29,6 +29,10 @@ step doctor python3 -m tracer doctor --json > "$OUT/doctor.json" 2> "$OUT/doctor
 step repro  python3 -m tracer repro --json "$OUT/repro.json" > "$OUT/repro.out" 2>&1
 step repro_tp python3 -m tracer repro --prefer tracepoint --json "$OUT/repro-tp.json" \
     > "$OUT/repro-tp.out" 2>&1
+# kprobes first everywhere: on 6.3+ this reports at the return probes instead
+# of sock_send_length (elsewhere it is the default plan again)
+step repro_kp python3 -m tracer repro --prefer kprobe --json "$OUT/repro-kp.json" \
+    > "$OUT/repro-kp.out" 2>&1
 
 timeout_flag=()
 if python3 -c 'import pytest_timeout' 2>/dev/null; then
