@@ -20,8 +20,6 @@ PROG_KPROBE = 2
 PROG_TRACEPOINT = 5
 PROG_RAW_TRACEPOINT = 17
 
-BPF_NOEXIST = 1
-
 
 class BpfError(OSError):
     """A bpf()/perf_event_open() call failed; str() says which and why."""
@@ -166,8 +164,8 @@ def load_program(prog_type: int, name: str, insns: bytes, license_: str, kern_ve
 class Attachment:
     """One attached program; ``close`` detaches it (safe to call twice)."""
 
-    def __init__(self, kind: str, where: str, fd: int, ev_name: bytes | None = None):
-        self.kind, self.where, self.fd, self.ev_name = kind, where, fd, ev_name
+    def __init__(self, kind: str, fd: int, ev_name: bytes | None = None):
+        self.kind, self.fd, self.ev_name = kind, fd, ev_name
 
     def close(self) -> None:
         fd, self.fd = self.fd, -1
@@ -186,14 +184,14 @@ def attach_raw_tracepoint(prog_fd: int, tp: str) -> Attachment:
     fd = lib().bpf_attach_raw_tracepoint(prog_fd, tp.encode())
     if fd < 0:
         raise _fail(f"attaching to raw tracepoint {tp}")
-    return Attachment("raw_tracepoint", tp, fd)
+    return Attachment("raw_tracepoint", fd)
 
 
 def attach_tracepoint(prog_fd: int, category: str, event: str) -> Attachment:
     fd = lib().bpf_attach_tracepoint(prog_fd, category.encode(), event.encode())
     if fd < 0:
         raise _fail(f"attaching to tracepoint {category}:{event}")
-    return Attachment("tracepoint", f"{category}:{event}", fd)
+    return Attachment("tracepoint", fd)
 
 
 def attach_kprobe(prog_fd: int, function: str, ret: bool = False) -> Attachment:
@@ -203,7 +201,7 @@ def attach_kprobe(prog_fd: int, function: str, ret: bool = False) -> Attachment:
     fd = lib().bpf_attach_kprobe(prog_fd, 1 if ret else 0, ev, function.encode(), 0, 0)
     if fd < 0:
         raise _fail(f"attaching a {'kretprobe' if ret else 'kprobe'} to {function}")
-    return Attachment("kretprobe" if ret else "kprobe", function, fd, ev)
+    return Attachment("kretprobe" if ret else "kprobe", fd, ev)
 
 
 class RingBuffer:

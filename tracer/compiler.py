@@ -22,7 +22,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .headers import FULL_VMLINUX_DEFINE, HeaderTree, libbcc_path
@@ -64,7 +64,6 @@ class Compiled:
     helper_peak_kb: int = 0         # the helper's VmHWM (0 when cached)
     cached: bool = False
     key: str = ""
-    stderr: str = field(default="", repr=False)
 
     def func(self, name: str) -> FuncSpec:
         for f in self.funcs:
@@ -260,7 +259,6 @@ def run_helper(tree: HeaderTree, text: str) -> Compiled:
         raise CompileError(why + (f":\n{detail}" if detail else ""))
     c = Compiled.from_json(reply)
     c.compile_seconds = time.monotonic() - t0
-    c.stderr = p.stderr
     return c
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import ctypes
 import os
 import tempfile
-import time
 from dataclasses import dataclass, field
 
 from . import bpfsys
@@ -32,8 +31,6 @@ class LoadError(Exception):
 class Loaded:
     compiled: Compiled
     maps: dict[str, bpfsys.Map]
-    text: str
-    seconds: float                       # compile (or cache read) + load + attach
     prog_fds: list[int] = field(default_factory=list)
     attachments: list[bpfsys.Attachment] = field(default_factory=list)
     ring: bpfsys.RingBuffer | None = None
@@ -146,9 +143,9 @@ def _attach(kind: str, target: str, fd: int) -> bpfsys.Attachment:
     return bpfsys.attach_raw_tracepoint(fd, target)
 
 
-def _load_and_attach(c: Compiled, plan: ProbePlan, text: str, t0: float) -> Loaded:
+def _load_and_attach(c: Compiled, plan: ProbePlan) -> Loaded:
     maps: dict[str, bpfsys.Map] = {}
-    loaded = Loaded(c, maps, text, 0.0)
+    loaded = Loaded(c, maps)
     try:
         for m in c.maps:
             maps[m.name] = bpfsys.Map(m.name, m.type, m.key_size, m.value_size,
@@ -166,7 +163,6 @@ def _load_and_attach(c: Compiled, plan: ProbePlan, text: str, t0: float) -> Load
     except BaseException:
         loaded.detach()
         raise
-    loaded.seconds = time.monotonic() - t0
     return loaded
 
 
@@ -174,14 +170,13 @@ def load(tree: HeaderTree, plan: ProbePlan, filters: Filters,
          opts: ProgramOptions | None = None, use_cache: bool = True) -> Loaded:
     opts = opts or ProgramOptions()
     text = render(plan, filters, opts)
-    t0 = time.monotonic()
     try:
         c = compile_program(tree, text, reuse=use_cache)
     except CompileError as e:
         raise LoadError(f"bcc could not compile the program: {e}") from e
     with _CapturedStderr() as cap:
         try:
-            loaded = _load_and_attach(c, plan, text, t0)
+            loaded = _load_and_attach(c, plan)
         except BpfError as e:
             err = e
         else:
