@@ -220,12 +220,19 @@ def _bpf(cmd: int, attr: bytearray) -> tuple[int, int]:
     return fd, ctypes.get_errno()
 
 
-def _load_trivial(prog_type: int, attach_type: int = 0, btf_id: int = 0) -> tuple[int, int]:
-    insns = struct.pack("<BBhi", 0xB7, 0, 0, 0) + struct.pack("<BBhi", 0x95, 0, 0, 0)
+_TRIVIAL = ((0xB7, 0, 0, 0),         # r0 = 0
+            (0x95, 0, 0, 0))         # exit
+
+
+def _load_trivial(prog_type: int, attach_type: int = 0, btf_id: int = 0,
+                  program: tuple = _TRIVIAL) -> tuple[int, int]:
+    """Load a tiny program (default: return 0); (fd, errno)."""
+    insns = b"".join(struct.pack("<BBhi", *i) for i in program)
     insn_buf = ctypes.create_string_buffer(insns)
     lic = ctypes.create_string_buffer(b"GPL")
     attr = bytearray(144)
-    struct.pack_into("<IIQQ", attr, 0, prog_type, 2, ctypes.addressof(insn_buf), ctypes.addressof(lic))
+    struct.pack_into("<IIQQ", attr, 0, prog_type, len(program), ctypes.addressof(insn_buf),
+                     ctypes.addressof(lic))
     struct.pack_into("<I", attr, 68, attach_type)
     struct.pack_into("<I", attr, 108, btf_id)
     return _bpf(BPF_PROG_LOAD, attr)
@@ -264,18 +271,11 @@ def probe_raw_tracepoint() -> bool:
 def probe_task_regs() -> bool:
     """Does the verifier know bpf_task_pt_regs (helper 175, 5.15+)? A raw
     tracepoint program calling it on bpf_get_current_task_btf() (158)."""
-    insns = b"".join(struct.pack("<BBhi", *i) for i in (
+    fd, _ = _load_trivial(BPF_PROG_TYPE_RAW_TRACEPOINT, program=(
         (0x85, 0, 0, 158),          # call bpf_get_current_task_btf
         (0xBF, 0x01, 0, 0),         # r1 = r0
         (0x85, 0, 0, 175),          # call bpf_task_pt_regs
-        (0xB7, 0, 0, 0),            # r0 = 0
-        (0x95, 0, 0, 0)))           # exit
-    insn_buf = ctypes.create_string_buffer(insns)
-    lic = ctypes.create_string_buffer(b"GPL")
-    attr = bytearray(144)
-    struct.pack_into("<IIQQ", attr, 0, BPF_PROG_TYPE_RAW_TRACEPOINT, len(insns) // 8,
-                     ctypes.addressof(insn_buf), ctypes.addressof(lic))
-    fd, _ = _bpf(BPF_PROG_LOAD, attr)
+        *_TRIVIAL))
     if fd < 0:
         return False
     os.close(fd)
