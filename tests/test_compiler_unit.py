@@ -94,11 +94,11 @@ def test_cache_round_trip_marks_it_cached(tmp_path):
     c = _compiled()
     c.key = compiler.cache_key(t, "text")
     compiler.write_cache(t, c)
-    back = compiler.read_cache(t, "text")
+    back = compiler.read_cache(t, compiler.cache_key(t, "text"))
     assert back is not None and back.cached
     assert back.helper_peak_kb == 0 and back.compile_seconds == 0     # nothing compiled now
     assert back.func("raw_tracepoint__sock_send_length").insns == c.funcs[0].insns
-    assert compiler.read_cache(t, "other text") is None
+    assert compiler.read_cache(t, compiler.cache_key(t, "other text")) is None
 
 
 def test_torn_or_writable_cache_files_are_not_used(tmp_path):
@@ -108,11 +108,11 @@ def test_torn_or_writable_cache_files_are_not_used(tmp_path):
     compiler.write_cache(t, c)
     path = compiler.cache_dir(t) / f"{c.key}.json"
     os.chmod(path, 0o666)                  # anyone could have put bytecode there
-    assert compiler.read_cache(t, "text") is None
+    assert compiler.read_cache(t, compiler.cache_key(t, "text")) is None
     os.chmod(path, 0o644)
-    assert compiler.read_cache(t, "text") is not None
+    assert compiler.read_cache(t, compiler.cache_key(t, "text")) is not None
     path.write_text(path.read_text()[:100])
-    assert compiler.read_cache(t, "text") is None
+    assert compiler.read_cache(t, compiler.cache_key(t, "text")) is None
 
 
 def test_cache_keeps_only_the_newest_programs(tmp_path, monkeypatch):
@@ -125,8 +125,8 @@ def test_cache_keeps_only_the_newest_programs(tmp_path, monkeypatch):
         os.utime(compiler.cache_dir(t) / f"{c.key}.json", (1000 + i, 1000 + i))
     left = sorted(p.name for p in compiler.cache_dir(t).glob("*.json"))
     assert len(left) == 3
-    assert compiler.read_cache(t, "text 4") is not None
-    assert compiler.read_cache(t, "text 0") is None
+    assert compiler.read_cache(t, compiler.cache_key(t, "text 4")) is not None
+    assert compiler.read_cache(t, compiler.cache_key(t, "text 0")) is None
 
 
 def test_attach_points_follow_bccs_names_and_the_plan():

@@ -180,8 +180,7 @@ def _trusted(path: Path) -> bool:
     return True
 
 
-def read_cache(tree: HeaderTree, text: str) -> Compiled | None:
-    key = cache_key(tree, text)
+def read_cache(tree: HeaderTree, key: str) -> Compiled | None:
     path = cache_dir(tree) / f"{key}.json"
     if not path.exists() or not _trusted(path):
         return None
@@ -213,12 +212,13 @@ def write_cache(tree: HeaderTree, c: Compiled) -> None:
 def compile_program(tree: HeaderTree, text: str, reuse: bool = True) -> Compiled:
     """The compiled program: from the cache (unless ``reuse`` is False), else
     from a helper process, and then cached."""
+    key = cache_key(tree, text)
     if reuse:
-        c = read_cache(tree, text)
+        c = read_cache(tree, key)
         if c is not None:
             return c
     c = run_helper(tree, text)
-    c.key = cache_key(tree, text)
+    c.key = key
     write_cache(tree, c)
     return c
 
