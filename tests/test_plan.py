@@ -30,9 +30,9 @@ UNIX_FUNCS = {"unix_stream_sendmsg": ["struct socket *", "struct msghdr *", "siz
 
 
 def caps(kprobes=False, fentry=False, tps=None, funcs=None, raw=True, btf=True,
-         task_regs=False) -> KernelCapabilities:
+         task_regs=None) -> KernelCapabilities:
     return KernelCapabilities(
-        task_regs=task_regs,
+        task_regs=btf if task_regs is None else task_regs,     # 5.15+ with BTF
         release="test", machine="x86_64", btf=btf, btf_path="/x" if btf else None,
         headers_dir=None if btf else "/lib/modules/test/build",
         kprobes=kprobes, kprobes_reason="test", fentry=fentry, fentry_reason="test",
@@ -180,7 +180,8 @@ def test_kprobe_kernel_without_sock_send_length_reports_where_the_send_fails():
 
 def test_kernel_without_task_regs_needs_the_syscall_exit_and_takes_the_rest():
     """5.10: no bpf_task_pt_regs, so only the syscall exit knows the syscall."""
-    p = make_plan(caps(kprobes=True, tps=NO_SEND_LENGTH, funcs=dict(FUNCS, **UNIX_FUNCS)))
+    p = make_plan(caps(kprobes=True, tps=NO_SEND_LENGTH, funcs=dict(FUNCS, **UNIX_FUNCS),
+                       task_regs=False))
     assert any("bpf_task_pt_regs" in r for r in p.by_name("send_failure").rejected)
     assert p.by_name("send_failure").target == "raw_syscalls:sys_exit"
     assert p.by_name("pipe_failure").target == "raw_syscalls:sys_exit"

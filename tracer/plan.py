@@ -236,16 +236,14 @@ def make_plan(caps: KernelCapabilities, prefer: str | None = None,
             cands.sort(key=lambda c: 0 if c.mechanism == prefer or
                        (prefer == TRACEPOINT and c.mechanism == RAW_TRACEPOINT) else 1)
         rejected = []
-        if hook.name == "send_failure" and (syscalls or not caps.btf):
-            why = ("--syscalls reports at the syscall's exit" if syscalls else
-                   "reading the task's registers there (bpf_task_pt_regs) needs BTF")
-            rejected.append(f"{RAW_TRACEPOINT} {SEND_LENGTH}: {why}")
-            cands = [c for c in cands if c.target != SEND_LENGTH]
         if hook.name == "send_failure" and (syscalls or not caps.task_regs):
+            # every report point but the syscall exit reads the syscall from
+            # the task's registers (bpf_get_current_task_btf, bpf_task_pt_regs)
             why = ("--syscalls reports at the syscall's exit" if syscalls else
-                   "this kernel has no bpf_task_pt_regs (5.15+) to read the syscall there")
-            rejected.append(f"{KPROBE} return {SEND_RETURNS}: {why}")
-            cands = [c for c in cands if c.target != SEND_RETURNS]
+                   "reading the task's registers there needs BTF and bpf_task_pt_regs (5.15+)")
+            rejected += [f"{c.mechanism} {c.target}: {why}" for c in cands
+                         if c.target in (SEND_LENGTH, SEND_RETURNS)]
+            cands = [c for c in cands if c.target not in (SEND_LENGTH, SEND_RETURNS)]
         if hook.name in SYSCALL_HOOKS and not syscalls and _report_target(plan) != SYS_EXIT:
             plan.choices.append(Choice(hook, OFF, "", SYSCALL_COST))
             continue
@@ -299,7 +297,7 @@ def _pipe_report(hook: HookSpec, plan: ProbePlan, caps: KernelCapabilities) -> C
         sig = plan.by_name("sigpipe_generated")
     except KeyError:
         sig = None
-    if send != SYS_EXIT and caps.btf and sig is not None and sig.mechanism not in (UNAVAILABLE, OFF):
+    if send != SYS_EXIT and caps.task_regs and sig is not None and sig.mechanism not in (UNAVAILABLE, OFF):
         return Choice(hook, sig.mechanism, SIGNAL_GENERATE,
                       "a pipe write with no readers always raises SIGPIPE: reported where "
                       "the signal is generated (the fd is read from the task's registers)")
